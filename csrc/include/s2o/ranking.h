@@ -1,0 +1,43 @@
+// The ranking key of a history key's importance score, shared by the CPU and CUDA kernels so that
+// both rank identically.
+//
+// A score maps to an unsigned integer that preserves its order (NaN ranks above everything, so a
+// NaN key is visited first and propagates into the output as in dense attention; -0 == +0), and
+// only the top `rank_bits` bits of that integer take part in the ranking. Keys are ranked by
+// falling rank key; equal rank keys keep the lower key index first.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "s2o/layout.h"
+
+namespace s2o {
+
+constexpr int kMaxRankBits = 32;
+
+S2O_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+// Order-preserving map of a score to [0, 2^rank_bits), larger = more important.
+S2O_HOST_DEVICE uint32_t rank_key(float score, int rank_bits) {
+  uint32_t u;
+  if (score != score) {
+    u = 0xFFFFFFFFu;
+  } else if (score == 0.0f) {
+    u = 0x80000000u;
+  } else {
+    u = float_bits(score);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return u >> (kMaxRankBits - rank_bits);
+}
+
+}  // namespace s2o

@@ -1,0 +1,37 @@
+// The s2o op schemas, declared once. Kernels are registered per device in cpu/ and cuda/; fake
+// (meta) kernels for torch.compile live in s2o/_meta.py. Shapes: query [B, Hq, Nq, D],
+// key/value [B, Hkv, Nk, D]; H_ord is Hkv when order_per_kv_head else Hq; T is the total history
+// length of all segments (csrc/include/s2o/layout.h).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing s2o._C loads this library and with it the op registrations; the module itself is
+// empty (no pybind11).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(s2o, m) {
+  // Per segment of segment_size query rows, the fp32 mean of its query rows (pooled over the G
+  // query heads of a group when order_per_kv_head) and its dot product with every history key.
+  // Returns (representatives [B, H_ord, num_segments, D] fp32, scores [B, H_ord, T] fp32).
+  m.def(
+      "estimate_importance(Tensor query, Tensor key, int segment_size, int q_offset, bool is_causal, "
+      "bool order_per_kv_head) -> (Tensor, Tensor)");
+  // Per segment, the history keys ranked by falling score (top rank_bits bits of an
+  // order-preserving integer map; ties: lower key index first). scores [B, H_ord, T] fp32 ->
+  // indices [B, H_ord, T] int32.
+  m.def(
+      "permute_indices(Tensor scores, int num_queries, int num_keys, int segment_size, int q_offset, "
+      "bool is_causal, int rank_bits=32) -> Tensor");
+  // Early-stopping sparse attention: per query tile, the local keys densely with the causal mask,
+  // then the history in tiles of block_n keys taken from `indices` in order, stopping once
+  // max_row(tile mass / row mass) < threshold for `patience` tiles in a row. Returns (out
+  // [B, Hq, Nq, D] in query's dtype, lse [B, Hq, Nq] fp32, tile_counts [B, H_ord, ceil(Nq /
+  // block_m)] int32).
+  m.def(
+      "sparse_attention(Tensor query, Tensor key, Tensor value, Tensor indices, int segment_size, "
+      "int q_offset, bool is_causal, bool order_per_kv_head, int block_m, int block_n, "
+      "float threshold, int patience=1, float? scale=None) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,285 @@
+"""s2o.attention: a drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+Cases the sparse path does not serve go to dense SDPA, each reason logged once; with
+``config.strict`` or ``S2O_STRICT=1`` they raise :class:`S2OFallbackError` instead, so a benchmark
+never measures the fallback by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import S2OConfig
+from .layout import SegmentLayout, ceil_div
+
+logger = logging.getLogger("s2o")
+
+# The dense attention s2o falls back to, captured before patch_sdpa can replace it.
+_sdpa = F.scaled_dot_product_attention
+
+# Fallbacks that are the normal route for some calls (decode steps, short prompts): logged at
+# INFO; the others at WARNING.
+_EXPECTED_FALLBACKS = {"decode", "short"}
+_logged_reasons: set[str] = set()
+
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CPU_MAX_HEAD_DIM = 256
+CUDA_HEAD_DIMS = (64, 128)
+
+
+class S2OFallbackError(RuntimeError):
+    """Raised in strict mode when s2o.attention would fall back to dense SDPA."""
+
+
+@dataclass
+class S2OStats:
+    """What one s2o.attention call did.
+
+    Attributes:
+        path: ``"sparse"`` or ``"dense"`` (fallback).
+        fallback_reason: why it went dense, or None.
+        density: tiles computed / tiles of dense attention at the same tile size (sparse path).
+        tile_counts: int32 ``[B, H_ord, num_query_tiles]``, tiles computed per query tile.
+        dense_tiles: total tiles dense attention would compute for the same shapes.
+        block_m, block_n: the tile sizes used.
+        time_ms: wall time per stage (``estimate``, ``permute``, ``attend``; or ``dense``),
+            measured with device synchronisation, so only when stats are asked for.
+    """
+
+    path: str
+    fallback_reason: str | None = None
+    density: float | None = None
+    tile_counts: torch.Tensor | None = None
+    dense_tiles: int | None = None
+    block_m: int | None = None
+    block_n: int | None = None
+    time_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _devices_with_kernels() -> frozenset[str]:
+    # Looked up once at import (after s2o._C registered the kernels): torch.compile cannot trace
+    # the dispatcher query.
+    return frozenset(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("s2o::sparse_attention", key)
+    )
+
+
+_KERNEL_DEVICES = _devices_with_kernels()
+
+
+def _log_once(reason: str, detail: str) -> None:
+    if reason in _logged_reasons:
+        return
+    _logged_reasons.add(reason)
+    level = logging.INFO if reason in _EXPECTED_FALLBACKS else logging.WARNING
+    logger.log(level, "s2o.attention: dense SDPA fallback (%s): %s", reason, detail)
+
+
+def _fallback_reason(query, key, value, attn_mask, dropout_p, config) -> tuple[str, str] | None:
+    """(reason, detail) when the sparse path cannot serve this call, else None."""
+    if attn_mask is not None:
+        return "attn_mask", "a general attention mask is not supported by the sparse path"
+    if dropout_p > 0.0:
+        return "dropout", "dropout_p > 0 is not supported by the sparse path"
+    if torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad
+    ):
+        return "autograd", "gradients are required; the sparse path is forward-only"
+    if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
+        return (
+            "rank",
+            f"inputs of rank {query.dim()}; the sparse path takes [B, H, N, D] or [B, N, D]",
+        )
+    if query.shape[-2] == 1:
+        return "decode", "a single query row (decode step)"
+    if key.shape[-2] < config.min_keys:
+        return "short", f"{key.shape[-2]} keys < config.min_keys={config.min_keys}"
+    if value.shape[-1] != query.shape[-1] or value.shape[:-1] != key.shape[:-1]:
+        return "value_shape", "value must have key's shape (same head count, length, head dim)"
+    if not (query.dtype == key.dtype == value.dtype):
+        return "dtype", "query, key and value dtypes differ"
+    device = query.device.type
+    if device not in _KERNEL_DEVICES:
+        return "device", f"no s2o kernel for device {device!r} in this build"
+    head_dim = query.shape[-1]
+    if device == "cpu":
+        if query.dtype not in CPU_DTYPES or head_dim > CPU_MAX_HEAD_DIM:
+            return "dtype", f"CPU kernel takes {CPU_DTYPES} and head dim <= {CPU_MAX_HEAD_DIM}"
+    elif query.dtype not in CUDA_DTYPES or head_dim not in CUDA_HEAD_DIMS:
+        return "dtype", f"CUDA kernel takes {CUDA_DTYPES} and head dim in {CUDA_HEAD_DIMS}"
+    return None
+
+
+class _StageClock:
+    """Wall time per stage, synchronising the device; only used when stats are asked for."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.times: dict[str, float] = {}
+        self.sync()
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.times[name] = (now - self.last) * 1e3
+        self.last = now
+
+
+def _q_offset(num_queries: int, num_keys: int, is_causal: bool, config: S2OConfig) -> int:
+    if not is_causal or config.causal_alignment == "top_left":
+        return 0
+    if num_queries > num_keys:
+        raise ValueError(
+            f"bottom-right causal alignment needs Nq <= Nk, got Nq={num_queries}, Nk={num_keys}"
+        )
+    return num_keys - num_queries
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    config: S2OConfig | None = None,
+    return_stats: bool = False,
+):
+    """Sparse prefill attention with the signature, defaults and output of
+    ``torch.nn.functional.scaled_dot_product_attention``.
+
+    query ``[B, Hq, Nq, D]``, key/value ``[B, Hkv, Nk, D]`` (or ``[B, N, D]``); GQA/MQA needs
+    ``enable_gqa=True`` as in SDPA. Returns the attention output ``[B, Hq, Nq, D]``, and with
+    ``return_stats=True`` a tuple ``(out, S2OStats)``.
+    """
+    config = config if config is not None else S2OConfig()
+    clock = _StageClock(query.device) if return_stats else None
+
+    if query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
+        # Same contract as SDPA: differing head counts need enable_gqa; SDPA raises its own error.
+        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+
+    fallback = _fallback_reason(query, key, value, attn_mask, dropout_p, config)
+    if fallback is not None:
+        reason, detail = fallback
+        if config.is_strict():
+            raise S2OFallbackError(
+                f"s2o.attention would fall back to dense SDPA ({reason}): {detail}"
+            )
+        _log_once(reason, detail)
+        out = _sdpa(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+        if clock is None:
+            return out
+        clock.lap("dense")
+        return out, S2OStats(path="dense", fallback_reason=reason, time_ms=clock.times)
+
+    squeeze_heads = query.dim() == 3
+    if squeeze_heads:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    q_offset = _q_offset(num_queries, num_keys, is_causal, config)
+    group = query.shape[1] // key.shape[1]
+    block_m = config.resolve_block_m(group)
+    per_kv = config.order_per_kv_head
+
+    _, scores = torch.ops.s2o.estimate_importance(
+        query, key, config.segment_size, q_offset, is_causal, per_kv
+    )
+    if clock is not None:
+        clock.lap("estimate")
+    indices = torch.ops.s2o.permute_indices(
+        scores, num_queries, num_keys, config.segment_size, q_offset, is_causal, config.rank_bits
+    )
+    del scores
+    if clock is not None:
+        clock.lap("permute")
+    out, _, tile_counts = torch.ops.s2o.sparse_attention(
+        query,
+        key,
+        value,
+        indices,
+        config.segment_size,
+        q_offset,
+        is_causal,
+        per_kv,
+        block_m,
+        config.block_n,
+        config.threshold,
+        config.patience,
+        scale,
+    )
+    if squeeze_heads:
+        out = out.squeeze(1)
+    if clock is None:
+        return out
+    clock.lap("attend")
+
+    layout = SegmentLayout(num_queries, num_keys, config.segment_size, q_offset, is_causal)
+    dense = (
+        dense_tiles(layout, block_m, config.block_n) * tile_counts.shape[0] * tile_counts.shape[1]
+    )
+    computed = int(tile_counts.sum())
+    stats = S2OStats(
+        path="sparse",
+        density=computed / dense,
+        tile_counts=tile_counts,
+        dense_tiles=dense,
+        block_m=block_m,
+        block_n=config.block_n,
+        time_ms=clock.times,
+    )
+    return out, stats
+
+
+def dense_tiles(layout: SegmentLayout, block_m: int, block_n: int) -> int:
+    """Tiles of block_m x block_n a dense kernel computes for one ordering head of one batch."""
+    num_tiles = ceil_div(layout.num_queries, block_m)
+    return sum(
+        layout.dense_tiles(min((t + 1) * block_m, layout.num_queries), block_n)
+        for t in range(num_tiles)
+    )
+
+
+@contextlib.contextmanager
+def patch_sdpa(config: S2OConfig | None = None):
+    """Within the block, ``torch.nn.functional.scaled_dot_product_attention`` is s2o.attention.
+
+    Code that looked the function up before (``from torch.nn.functional import
+    scaled_dot_product_attention``) keeps the original.
+    """
+
+    def scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):
+        return attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config=config
+        )
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

@@ -1,0 +1,84 @@
+"""S2OConfig: the knobs of s2o.attention and their defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+# Rows of one CUDA work unit (query heads of the unit x block_m); block_m=None picks
+# block_m = kUnitRows // heads per unit, so a unit fills one thread block of the CUDA kernel.
+UNIT_ROWS = 128
+
+
+@dataclass
+class S2OConfig:
+    """How s2o.attention computes sparse attention.
+
+    Attributes:
+        segment_size: query rows per segment; each segment ranks its history once.
+        block_m: query rows per tile (per head); must divide segment_size. None: 128 rows per work
+            unit, i.e. 128 // G with ``ordering="kv_head"`` and 128 with ``"query_head"``.
+        block_n: keys per tile.
+        threshold: stop once every row of a query tile gets less than this share of its softmax
+            mass from the latest history tile (for ``patience`` tiles in a row). 0: exact.
+        patience: consecutive quiet tiles before stopping.
+        ordering: ``"kv_head"``: one ranking per KV head, the G query heads of a group share each
+            K/V tile and stop together; ``"query_head"``: one ranking per query head.
+        rank_bits: bits of the score's order-preserving key used for ranking (32: exact order).
+        causal_alignment: where queries sit when ``is_causal`` and Nq < Nk: ``"top_left"``
+            (SDPA's is_causal: query i at position i) or ``"bottom_right"`` (queries are the last Nq
+            positions: chunked prefill with a KV cache).
+        min_keys: sequences with fewer keys go to dense SDPA (too short to gain).
+        strict: raise instead of falling back to dense SDPA (also: environment S2O_STRICT=1).
+    """
+
+    segment_size: int = 256
+    block_m: int | None = None
+    block_n: int = 64
+    threshold: float = 0.01
+    patience: int = 1
+    ordering: Literal["kv_head", "query_head"] = "kv_head"
+    rank_bits: int = 32
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
+    min_keys: int = 4096
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ordering not in ("kv_head", "query_head"):
+            raise ValueError(f"ordering must be 'kv_head' or 'query_head', got {self.ordering!r}")
+        if self.causal_alignment not in ("top_left", "bottom_right"):
+            raise ValueError(
+                "causal_alignment must be 'top_left' or 'bottom_right', "
+                f"got {self.causal_alignment!r}"
+            )
+        for name in ("segment_size", "block_n", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_m is not None and (self.block_m < 1 or self.segment_size % self.block_m != 0):
+            raise ValueError(
+                f"block_m must be positive and divide segment_size={self.segment_size}, "
+                f"got {self.block_m}"
+            )
+        if not self.threshold >= 0 or self.threshold == float("inf"):
+            raise ValueError(f"threshold must be finite and >= 0, got {self.threshold}")
+        if not 1 <= self.rank_bits <= 32:
+            raise ValueError(f"rank_bits must be in [1, 32], got {self.rank_bits}")
+
+    @property
+    def order_per_kv_head(self) -> bool:
+        return self.ordering == "kv_head"
+
+    def resolve_block_m(self, group_size: int) -> int:
+        """block_m for a GQA group size G: the configured one, or the largest power of two that
+        divides segment_size with block_m * (heads per unit) <= UNIT_ROWS."""
+        if self.block_m is not None:
+            return self.block_m
+        heads_per_unit = group_size if self.order_per_kv_head else 1
+        block_m = 1 << (max(1, UNIT_ROWS // heads_per_unit).bit_length() - 1)
+        while self.segment_size % block_m:
+            block_m //= 2
+        return block_m
+
+    def is_strict(self) -> bool:
+        return self.strict or os.environ.get("S2O_STRICT", "0") == "1"

@@ -1,0 +1,97 @@
+"""Typed Python wrappers of the three s2o ops (``torch.ops.s2o.*``).
+
+Shapes: query ``[B, Hq, Nq, D]``, key and value ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0``.
+``H_ord`` (ordering heads) is ``Hkv`` when ``order_per_kv_head`` else ``Hq``; ``T`` is the total
+history length of all segments (:class:`s2o.layout.SegmentLayout`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def estimate_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    segment_size: int,
+    q_offset: int = 0,
+    is_causal: bool = True,
+    order_per_kv_head: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores every history key of every query segment.
+
+    The representative of a segment is the fp32 mean of its query rows (pooled over the G query
+    heads of a KV group when ``order_per_kv_head``); a key's score is its dot product with it.
+
+    Returns ``(representatives [B, H_ord, num_segments, D] fp32, scores [B, H_ord, T] fp32)``.
+    """
+    return torch.ops.s2o.estimate_importance(
+        query, key, segment_size, q_offset, is_causal, order_per_kv_head
+    )
+
+
+def permute_indices(
+    scores: torch.Tensor,
+    *,
+    num_queries: int,
+    num_keys: int,
+    segment_size: int,
+    q_offset: int = 0,
+    is_causal: bool = True,
+    rank_bits: int = 32,
+) -> torch.Tensor:
+    """Ranks each segment's history keys by falling score.
+
+    Only the top ``rank_bits`` bits of an order-preserving integer map of the fp32 score take part
+    (32: exact fp32 order); equal keys keep the lower key index first; NaN ranks first.
+
+    Returns int32 ``[B, H_ord, T]``: per segment, a permutation of ``range(history_length)``.
+    """
+    return torch.ops.s2o.permute_indices(
+        scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits
+    )
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    segment_size: int,
+    q_offset: int = 0,
+    is_causal: bool = True,
+    order_per_kv_head: bool = True,
+    block_m: int = 64,
+    block_n: int = 64,
+    threshold: float = 0.0,
+    patience: int = 1,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Early-stopping sparse attention over ranked history tiles.
+
+    Per query tile of ``block_m`` rows: the local keys (from the segment's first position to each
+    row's own) densely with the causal mask, then the history in tiles of ``block_n`` keys taken
+    from ``indices`` in order, stopping once ``max_row(tile mass / row mass) < threshold`` for
+    ``patience`` tiles in a row. With ``order_per_kv_head`` the G query heads of a group form one
+    unit and stop together. ``threshold=0`` visits every key: dense attention.
+
+    Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32, tile_counts [B, H_ord, ceil(Nq/block_m)]
+    int32)``.
+    """
+    return torch.ops.s2o.sparse_attention(
+        query,
+        key,
+        value,
+        indices,
+        segment_size,
+        q_offset,
+        is_causal,
+        order_per_kv_head,
+        block_m,
+        block_n,
+        threshold,
+        patience,
+        scale,
+    )

@@ -1,0 +1,228 @@
+"""Pure-PyTorch fp32 implementation of the S2O pipeline: readable, slow, the tests' yardstick.
+
+It follows the same semantics as the C++ ops (see s2o/ops.py and csrc/cpu/): segments of query
+rows score their history keys against the mean query, rank them by falling score, and attend to
+the local keys densely and to the ranked history tile by tile until a tile adds less than
+``threshold`` of any row's softmax mass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .layout import SegmentLayout, ceil_div
+
+
+def _kv_for_query_heads(t: torch.Tensor, group: int) -> torch.Tensor:
+    return t.repeat_interleave(group, dim=1) if group > 1 else t
+
+
+def dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    is_causal: bool = True,
+    q_offset: int = 0,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention in fp32 with query row i at position i + q_offset (GQA by head groups).
+
+    Returns ``(out [B, Hq, Nq, D] fp32, lse [B, Hq, Nq] fp32)``.
+    """
+    group = query.shape[1] // key.shape[1]
+    q, k, v = (
+        query.float(),
+        _kv_for_query_heads(key.float(), group),
+        _kv_for_query_heads(value.float(), group),
+    )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (q @ k.transpose(-1, -2)) * scale
+    if is_causal:
+        pos = torch.arange(q.shape[2], device=q.device)[:, None] + q_offset
+        logits = logits.masked_fill(
+            torch.arange(k.shape[2], device=q.device)[None, :] > pos, float("-inf")
+        )
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.softmax(logits, dim=-1) @ v, lse
+
+
+def estimate_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    segment_size: int,
+    q_offset: int = 0,
+    is_causal: bool = True,
+    order_per_kv_head: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment representatives (mean query rows) and their dot products with the history keys.
+
+    Returns ``(representatives [B, H_ord, num_segments, D], scores [B, H_ord, T])`` in fp32.
+    """
+    batch, q_heads, num_queries, head_dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    layout = SegmentLayout(num_queries, key.shape[2], segment_size, q_offset, is_causal)
+    q = query.float()
+    k = key.float() if order_per_kv_head else _kv_for_query_heads(key.float(), group)
+    reps, scores = [], []
+    for s in range(layout.num_segments):
+        rows = q[:, :, layout.segment_rows(s)]
+        if order_per_kv_head:
+            rep = rows.reshape(batch, kv_heads, group, -1, head_dim).mean(dim=(2, 3))
+        else:
+            rep = rows.mean(dim=2)
+        reps.append(rep)
+        history = layout.history_length(s)
+        scores.append(torch.einsum("bhd,bhnd->bhn", rep, k[:, :, :history]))
+    return torch.stack(reps, dim=2), torch.cat(scores, dim=-1)
+
+
+def rank_keys(scores: torch.Tensor, rank_bits: int = 32) -> torch.Tensor:
+    """The ranking key of csrc/include/s2o/ranking.h as int64: an order-preserving map of the fp32
+    score (NaN highest, -0 == +0), cut to its top rank_bits bits."""
+    bits = scores.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    key = torch.where(bits >= 0x80000000, (~bits) & 0xFFFFFFFF, bits | 0x80000000)
+    key = torch.where(scores == 0, torch.full_like(key, 0x80000000), key)
+    key = torch.where(torch.isnan(scores), torch.full_like(key, 0xFFFFFFFF), key)
+    return key >> (32 - rank_bits)
+
+
+def permute_indices(
+    scores: torch.Tensor,
+    *,
+    num_queries: int,
+    num_keys: int,
+    segment_size: int,
+    q_offset: int = 0,
+    is_causal: bool = True,
+    rank_bits: int = 32,
+) -> torch.Tensor:
+    """Per segment, the history key indices by falling rank key, ties by lower index (int32)."""
+    layout = SegmentLayout(num_queries, num_keys, segment_size, q_offset, is_causal)
+    keys = rank_keys(scores, rank_bits)
+    out = torch.empty(scores.shape, dtype=torch.int32, device=scores.device)
+    for s in range(layout.num_segments):
+        begin, length = layout.history_offset(s), layout.history_length(s)
+        seg = keys[..., begin : begin + length]
+        out[..., begin : begin + length] = torch.argsort(-seg, dim=-1, stable=True).to(torch.int32)
+    return out
+
+
+@dataclass
+class SparseResult:
+    out: torch.Tensor  # [B, Hq, Nq, D] fp32
+    lse: torch.Tensor  # [B, Hq, Nq] fp32
+    tile_counts: torch.Tensor  # [B, H_ord, num_query_tiles] int32
+    # [B, H_ord, num_query_tiles]: smallest |max_ratio / threshold - 1| over the unit's stop
+    # decisions (inf when threshold is 0). A unit whose margin is tiny may stop one tile earlier or
+    # later in another implementation because of rounding.
+    decision_margin: torch.Tensor
+
+
+class _OnlineSoftmax:
+    """Running max, mass and unnormalised output of the rows of one work unit."""
+
+    def __init__(self, scaled_queries: torch.Tensor, positions: torch.Tensor):
+        rows, dev = scaled_queries.shape[0], scaled_queries.device
+        self.q, self.pos = scaled_queries, positions  # [R, D], [R]
+        self.max = torch.full((rows,), float("-inf"), device=dev)
+        self.mass = torch.zeros(rows, device=dev)
+        self.acc = torch.zeros(rows, scaled_queries.shape[1], device=dev)
+
+    def fold(self, keys, values, key_pos: torch.Tensor, masked: bool) -> float:
+        """Adds the keys at key_pos; returns max over rows of (tile mass / row mass)."""
+        s = self.q @ keys[key_pos].T
+        if masked:
+            s = s.masked_fill(key_pos[None, :] > self.pos[:, None], float("-inf"))
+        new_max = torch.fmax(self.max, s.max(dim=1).values)
+        frame = torch.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = torch.exp(self.max - frame)
+        p = torch.exp(s - frame[:, None])
+        gain = p.sum(dim=1)
+        self.max, self.mass = new_max, self.mass * alpha + gain
+        self.acc = self.acc * alpha[:, None] + p @ values[key_pos]
+        ratio = torch.where(self.mass > 0, gain / self.mass, 0.0)
+        return float(torch.nan_to_num(ratio, nan=0.0).max())
+
+    def output(self) -> torch.Tensor:
+        return self.acc / self.mass[:, None]
+
+    def lse(self) -> torch.Tensor:
+        return self.max + torch.log(self.mass)
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    segment_size: int,
+    q_offset: int = 0,
+    is_causal: bool = True,
+    order_per_kv_head: bool = True,
+    block_m: int = 64,
+    block_n: int = 64,
+    threshold: float = 0.0,
+    patience: int = 1,
+    scale: float | None = None,
+) -> SparseResult:
+    """Early-stopping sparse attention, one work unit at a time (see s2o.ops.sparse_attention)."""
+    batch, q_heads, num_queries, head_dim = query.shape
+    kv_heads, num_keys = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    layout = SegmentLayout(num_queries, num_keys, segment_size, q_offset, is_causal)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    ordering_heads = kv_heads if order_per_kv_head else q_heads
+    unit_heads = group if order_per_kv_head else 1
+    num_tiles = ceil_div(num_queries, block_m)
+    q, k, v = query.float(), key.float(), value.float()
+
+    dev = query.device
+    out = torch.zeros(batch, q_heads, num_queries, head_dim, device=dev)
+    lse = torch.zeros(batch, q_heads, num_queries, device=dev)
+    counts = torch.zeros(batch, ordering_heads, num_tiles, dtype=torch.int32)
+    margins = torch.full((batch, ordering_heads, num_tiles), math.inf)
+
+    for b in range(batch):
+        for h in range(ordering_heads):
+            heads = list(range(h * group, (h + 1) * group)) if order_per_kv_head else [h]
+            kv_head = h if order_per_kv_head else h // group
+            keys, values = k[b, kv_head], v[b, kv_head]
+            for t in range(num_tiles):
+                rows = range(t * block_m, min((t + 1) * block_m, num_queries))
+                segment = rows[0] // segment_size
+                unit = _OnlineSoftmax(
+                    q[b, heads][:, rows].reshape(unit_heads * len(rows), head_dim) * scale,
+                    torch.arange(rows.start, rows.stop, device=dev).repeat(unit_heads) + q_offset,
+                )
+                tiles = 0
+                if is_causal:
+                    local_end = min(rows[-1] + q_offset + 1, num_keys)
+                    for k0 in range(layout.segment_start(segment), local_end, block_n):
+                        key_pos = torch.arange(k0, min(k0 + block_n, local_end), device=dev)
+                        unit.fold(keys, values, key_pos, masked=True)
+                        tiles += 1
+                history = layout.history_length(segment)
+                offset = layout.history_offset(segment)
+                ranked = indices[b, h, offset : offset + history].long()
+                quiet = 0
+                for t0 in range(0, history, block_n):
+                    max_ratio = unit.fold(keys, values, ranked[t0 : t0 + block_n], masked=False)
+                    tiles += 1
+                    if threshold > 0:
+                        margins[b, h, t] = min(margins[b, h, t], abs(max_ratio / threshold - 1))
+                    quiet = quiet + 1 if max_ratio < threshold else 0
+                    if quiet >= patience:
+                        break
+                counts[b, h, t] = tiles
+                out[b, heads, rows.start : rows.stop] = unit.output().reshape(
+                    unit_heads, -1, head_dim
+                )
+                lse[b, heads, rows.start : rows.stop] = unit.lse().reshape(unit_heads, -1)
+    return SparseResult(out, lse, counts, margins)

@@ -1,0 +1,138 @@
+"""Shared fixtures: devices, per-dtype tolerances, and input builders with fresh random data."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import pytest
+import torch
+
+import s2o
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "s2o::sparse_attention", "CUDA"
+)
+
+# (atol, rtol) for outputs of a kernel that computes in fp32 from inputs of this dtype, against the
+# fp32 reference on the same inputs: the error is the rounding of the output to the dtype.
+TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (3e-3, 3e-3),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU and s2o's CUDA kernels")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA_KERNELS:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test case (from its id), so inputs are fresh for every case but a
+    # failure reproduces.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One shape and parameter combination of the test grid."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    num_queries: int
+    num_keys: int
+    head_dim: int
+    segment_size: int
+    block_m: int
+    block_n: int
+    q_offset: int = 0
+    is_causal: bool = True
+
+    @property
+    def id(self) -> str:
+        causal = ("br" if self.q_offset else "tl") if self.is_causal else "nc"
+        return (
+            f"b{self.batch}h{self.q_heads}-{self.kv_heads}q{self.num_queries}k{self.num_keys}"
+            f"d{self.head_dim}s{self.segment_size}m{self.block_m}n{self.block_n}{causal}"
+        )
+
+
+# Lengths deliberately not multiples of the tile or segment sizes.
+CPU_CASES = [
+    Case(1, 4, 4, 300, 300, 64, 64, 16, 32),  # MHA
+    Case(2, 8, 2, 257, 257, 128, 64, 32, 64),  # GQA, batch 2, D 128
+    Case(1, 6, 1, 200, 333, 64, 48, 16, 32, q_offset=133),  # MQA, bottom-right causal
+    Case(1, 4, 2, 150, 400, 32, 32, 16, 24),  # top-left causal with Nq < Nk
+    Case(1, 4, 2, 300, 200, 64, 64, 16, 32),  # top-left causal with Nq > Nk
+    Case(1, 4, 2, 190, 260, 64, 64, 32, 64, is_causal=False),  # no mask
+    Case(1, 2, 1, 40, 40, 64, 64, 64, 64),  # shorter than one segment and one tile
+    Case(2, 3, 3, 7, 9, 16, 4, 2, 3, q_offset=2),  # tiny
+]
+
+
+def make_qkv(case: Case, dtype=torch.float32, device="cpu", contiguous=True, peaky=False):
+    """Fresh random q [B, Hq, Nq, D], k, v [B, Hkv, Nk, D]; non-contiguous ones are transposed
+    views of [B, N, H, D] tensors (the layout Hugging Face models produce).
+
+    ``peaky``: every query also carries a direction u of its KV group and a few keys carry u
+    strongly (up to ~18 logits), so attention concentrates on keys the ranking can find and early
+    stopping triggers even at these small sizes.
+    """
+    b, d, group = case.batch, case.head_dim, case.q_heads // case.kv_heads
+
+    def make(heads, n):
+        if contiguous:
+            return torch.randn(b, heads, n, d)
+        return torch.randn(b, n, heads, d).transpose(1, 2)
+
+    q, k, v = (
+        make(case.q_heads, case.num_queries),
+        make(case.kv_heads, case.num_keys),
+        make(case.kv_heads, case.num_keys),
+    )
+    if peaky:
+        u = torch.randn(b, case.kv_heads, 1, d)
+        u = u / u.norm(dim=-1, keepdim=True) * d**0.25
+        q += 3.0 * u.repeat_interleave(group, dim=1)
+        k += 6.0 * torch.rand(b, case.kv_heads, case.num_keys, 1) ** 8 * u
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def run_pipeline(case: Case, q, k, v, *, order_per_kv_head=True, threshold=0.0, patience=1):
+    """The three ops in sequence; returns (scores, indices, (out, lse, tile_counts))."""
+    _, scores = s2o.estimate_importance(
+        q,
+        k,
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        order_per_kv_head=order_per_kv_head,
+    )
+    indices = s2o.permute_indices(
+        scores,
+        num_queries=case.num_queries,
+        num_keys=case.num_keys,
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+    )
+    result = s2o.sparse_attention(
+        q,
+        k,
+        v,
+        indices,
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        order_per_kv_head=order_per_kv_head,
+        block_m=case.block_m,
+        block_n=case.block_n,
+        threshold=threshold,
+        patience=patience,
+    )
+    return scores, indices, result

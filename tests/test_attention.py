@@ -1,0 +1,156 @@
+import importlib
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import s2o
+from s2o import S2OConfig, S2OFallbackError, data, reference
+
+# The module (the package attribute s2o.attention is the function).
+attention_module = importlib.import_module("s2o.attention")
+
+EXACT = S2OConfig(threshold=0.0, min_keys=1, segment_size=64)
+
+
+def _inputs(b=1, hq=4, hkv=2, nq=200, nk=200, d=64, dtype=torch.float32):
+    return (
+        torch.randn(b, hq, nq, d, dtype=dtype),
+        torch.randn(b, hkv, nk, d, dtype=dtype),
+        torch.randn(b, hkv, nk, d, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("ordering", ["kv_head", "query_head"])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 200, 200), (2, 4, 4, 150, 150), (1, 8, 1, 100, 230)])
+def test_threshold_zero_matches_sdpa(is_causal, ordering, shape):
+    q, k, v = _inputs(*shape)
+    config = S2OConfig(threshold=0.0, min_keys=1, segment_size=64, ordering=ordering)
+    gqa = shape[1] != shape[2]
+    out = s2o.attention(q, k, v, is_causal=is_causal, enable_gqa=gqa, config=config)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_positional_signature_scale_and_3d_inputs():
+    q, k, v = (torch.randn(2, 130, 32) for _ in range(3))
+    out = s2o.attention(q, k, v, None, 0.0, True, 0.3, config=EXACT)
+    expected = F.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale=0.3)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_bottom_right_alignment_matches_explicit_mask():
+    q, k, v = _inputs(nq=90, nk=300)
+    config = S2OConfig(threshold=0.0, min_keys=1, segment_size=32, causal_alignment="bottom_right")
+    out = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+    expected, _ = reference.dense_attention(q, k, v, is_causal=True, q_offset=300 - 90)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="bottom-right"):
+        s2o.attention(*_inputs(nq=300, nk=90), is_causal=True, enable_gqa=True, config=config)
+
+
+def test_default_config_on_structured_data_is_sparse_and_accurate():
+    q, k, v = data.structured_qkv(4096, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
+    out, stats = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, return_stats=True)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert stats.path == "sparse" and stats.fallback_reason is None
+    assert stats.density < 0.8
+    assert ((out - dense).norm() / dense.norm()).item() < 0.10
+    assert stats.tile_counts.shape == (1, 2, 4096 // stats.block_m)
+    assert set(stats.time_ms) == {"estimate", "permute", "attend"}
+
+
+def _fallback_cases():
+    q, k, v = _inputs(nk=200, nq=200)
+    mask = torch.ones(200, 200, dtype=torch.bool).tril()
+    grad_q = q.clone().requires_grad_(True)
+    q1 = q[:, :, :1]
+    return {
+        "attn_mask": ((q, k, v), dict(attn_mask=mask, enable_gqa=True)),
+        "dropout": ((q, k, v), dict(dropout_p=0.5, is_causal=True, enable_gqa=True)),
+        "autograd": ((grad_q, k, v), dict(is_causal=True, enable_gqa=True)),
+        "decode": ((q1, k, v), dict(enable_gqa=True)),
+        "rank": (
+            (q[0, 0, None, None, None], k[0, 0, None, None, None], v[0, 0, None, None, None]),
+            dict(is_causal=True),
+        ),
+        "dtype": ((q.double(), k.double(), v.double()), dict(is_causal=True, enable_gqa=True)),
+    }
+
+
+@pytest.mark.parametrize("reason", list(_fallback_cases()))
+def test_fallbacks_run_dense_sdpa_and_log_once(reason, caplog, monkeypatch):
+    monkeypatch.setattr(attention_module, "_logged_reasons", set())
+    (q, k, v), kwargs = _fallback_cases()[reason]
+    torch.manual_seed(1)
+    with caplog.at_level(logging.INFO, logger="s2o"):
+        out, stats = s2o.attention(q, k, v, **kwargs, config=EXACT, return_stats=True)
+        s2o.attention(q, k, v, **kwargs, config=EXACT)
+    torch.manual_seed(1)
+    expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert stats.path == "dense" and stats.fallback_reason == reason
+    torch.testing.assert_close(out, expected)
+    assert [r.message.count(f"({reason})") for r in caplog.records] == [1]
+
+
+def test_short_sequences_fall_back():
+    q, k, v = _inputs()
+    _, stats = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, return_stats=True)
+    assert stats.fallback_reason == "short"  # 200 keys < the default min_keys
+
+
+@pytest.mark.parametrize("reason", ["attn_mask", "decode"])
+def test_strict_mode_raises_instead_of_falling_back(reason, monkeypatch):
+    (q, k, v), kwargs = _fallback_cases()[reason]
+    with pytest.raises(S2OFallbackError, match=reason):
+        s2o.attention(q, k, v, **kwargs, config=S2OConfig(min_keys=1, segment_size=64, strict=True))
+    monkeypatch.setenv("S2O_STRICT", "1")
+    with pytest.raises(S2OFallbackError, match=reason):
+        s2o.attention(q, k, v, **kwargs, config=EXACT)
+
+
+def test_differing_head_counts_need_enable_gqa_like_sdpa():
+    q, k, v = _inputs()
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with pytest.raises(RuntimeError):
+        s2o.attention(q, k, v, is_causal=True, config=EXACT)
+
+
+class _Attn(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def test_patch_sdpa_swaps_and_restores():
+    q, k, v = _inputs()
+    original = F.scaled_dot_product_attention
+    config = S2OConfig(threshold=0.5, min_keys=1, segment_size=64)
+    with s2o.patch_sdpa(config):
+        assert F.scaled_dot_product_attention is not original
+        patched = _Attn()(q, k, v)
+    assert F.scaled_dot_product_attention is original
+    direct = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+    assert torch.equal(patched, direct)
+    assert not torch.equal(patched, _Attn()(q, k, v))  # threshold 0.5 is not exact
+
+
+class _S2OAttn(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, q, k, v):
+        return s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=self.config) * 2
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    q, k, v = _inputs()
+    module = _S2OAttn(S2OConfig(threshold=0.05, min_keys=1, segment_size=64))
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
