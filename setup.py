@@ -10,9 +10,21 @@ import glob
 import os
 import shutil
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# torch guesses the CUDA toolkit from the nvcc on PATH; a wrapper script there (as on our dev
+# machines: /usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc) makes it guess /usr/local.
+# Prefer the standard toolkit location when the user has not chosen one.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 DEFAULT_ARCH_LIST = "8.0;9.0a"
 

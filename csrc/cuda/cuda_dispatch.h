@@ -1,0 +1,42 @@
+// Compile-time dispatch of the CUDA kernels: element type and head dimension.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/types.h>
+
+// Runs the lambda with `Element` bound to the CUDA type of DTYPE (bfloat16 or float16).
+#define S2O_DISPATCH_CUDA_ELEMENT(DTYPE, NAME, ...)                                     \
+  [&] {                                                                                 \
+    switch (DTYPE) {                                                                    \
+      case at::kBFloat16: {                                                             \
+        using Element = __nv_bfloat16;                                                  \
+        return __VA_ARGS__();                                                           \
+      }                                                                                 \
+      case at::kHalf: {                                                                 \
+        using Element = __half;                                                         \
+        return __VA_ARGS__();                                                           \
+      }                                                                                 \
+      default:                                                                          \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                         \
+                    " (the CUDA kernels take bfloat16 and float16)");                   \
+    }                                                                                   \
+  }()
+
+// Runs the lambda with `kHeadDim` bound to HEAD_DIM (64 or 128).
+#define S2O_DISPATCH_HEAD_DIM(HEAD_DIM, NAME, ...)                                      \
+  [&] {                                                                                 \
+    switch (HEAD_DIM) {                                                                 \
+      case 64: {                                                                        \
+        constexpr int kHeadDim = 64;                                                    \
+        return __VA_ARGS__();                                                           \
+      }                                                                                 \
+      case 128: {                                                                       \
+        constexpr int kHeadDim = 128;                                                   \
+        return __VA_ARGS__();                                                           \
+      }                                                                                 \
+      default:                                                                          \
+        TORCH_CHECK(false, NAME, ": unsupported head dim ", HEAD_DIM,                   \
+                    " (the CUDA kernels take 64 and 128)");                             \
+    }                                                                                   \
+  }()

@@ -1,0 +1,26 @@
+// Small helpers shared by the CUDA host wrappers.
+#pragma once
+
+#include <torch/types.h>
+
+#include "s2o/params.h"
+
+namespace s2o {
+
+// The kernels load rows in 16-byte chunks: the last dimension must be contiguous and rows 16-byte
+// aligned. Returns the tensor itself when it already is, else a contiguous copy.
+inline at::Tensor with_aligned_rows(const at::Tensor& t) {
+  const bool aligned = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                       t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+  return aligned ? t : t.contiguous();
+}
+
+inline TensorStrides strides_of(const at::Tensor& t) {  // t: [B, H, N, D], stride(3) == 1
+  return TensorStrides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+inline void check_cuda_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+}  // namespace s2o

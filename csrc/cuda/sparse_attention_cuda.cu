@@ -1,0 +1,89 @@
+// CUDA host wrapper of s2o::sparse_attention (csrc/include/s2o/sparse_attention.cuh).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "cuda_dispatch.h"
+#include "cuda_utils.h"
+#include "sparse_attention_launch.h"
+
+namespace s2o {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
+    const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
+    const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
+    bool order_per_kv_head, int64_t block_m, int64_t block_n, double threshold, int64_t patience,
+    std::optional<double> scale) {
+  check_query_key(query_in, key_in, /*allow_fp32=*/false);
+  check_value(value_in, query_in, key_in);
+  check_cuda_tensor(query_in, "query");
+  check_attention_knobs(segment_size, block_m, block_n, threshold, patience);
+  const SegmentLayout layout =
+      check_layout(query_in.size(2), key_in.size(2), segment_size, q_offset, is_causal);
+  const int64_t group = query_in.size(1) / key_in.size(1);
+  const int64_t ordering_heads = order_per_kv_head ? key_in.size(1) : query_in.size(1);
+  check_indices(indices, query_in, ordering_heads, layout);
+  TORCH_CHECK(block_n == kCudaBlockN, "the CUDA kernel takes block_n=", kCudaBlockN, ", got ",
+              block_n);
+  const int64_t unit_heads = order_per_kv_head ? group : 1;
+  TORCH_CHECK(unit_heads * block_m <= kCudaMaxUnitRows, "the CUDA kernel takes work units of at most ",
+              kCudaMaxUnitRows, " rows: block_m (", block_m, ") x query heads per unit (", unit_heads,
+              ") = ", unit_heads * block_m);
+  const int64_t head_dim = query_in.size(3);
+
+  const c10::cuda::CUDAGuard guard(query_in.device());
+  const at::Tensor query = with_aligned_rows(query_in), key = with_aligned_rows(key_in),
+                   value = with_aligned_rows(value_in), indices_c = indices.contiguous();
+  SparseAttentionParams p{};
+  p.batch = int(query.size(0));
+  p.q_heads = int(query.size(1));
+  p.kv_heads = int(key.size(1));
+  p.group = int(group);
+  p.ordering_heads = int(ordering_heads);
+  p.unit_heads = int(unit_heads);
+  p.block_m = int(block_m);
+  p.num_q_tiles = int(ceil_div(layout.num_queries, block_m));
+  p.layout = layout;
+  p.order_per_kv_head = order_per_kv_head;
+  p.scale_log2 = float(resolve_scale(scale, head_dim) * M_LOG2E);
+  p.threshold = float(threshold);
+  p.patience = int(patience);
+  p.query = query.data_ptr();
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.indices = indices_c.const_data_ptr<int32_t>();
+  p.q_strides = strides_of(query);
+  p.k_strides = strides_of(key);
+  p.v_strides = strides_of(value);
+
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  at::Tensor lse = at::empty({p.batch, p.q_heads, layout.num_queries}, query.options().dtype(at::kFloat));
+  at::Tensor tile_counts =
+      at::empty({p.batch, p.ordering_heads, p.num_q_tiles}, query.options().dtype(at::kInt));
+  p.out = out.data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  p.tile_counts = tile_counts.mutable_data_ptr<int32_t>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  S2O_DISPATCH_CUDA_ELEMENT(query.scalar_type(), "sparse_attention", [&] {
+    S2O_DISPATCH_HEAD_DIM(head_dim, "sparse_attention", [&] {
+      if (unit_heads * block_m <= 64) {
+        launch_sparse_attention<Element, kHeadDim, 64>(p, stream);
+      } else {
+        launch_sparse_attention<Element, kHeadDim, 128>(p, stream);
+      }
+    });
+  });
+  return {out, lse, tile_counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s2o, CUDA, m) { m.impl("sparse_attention", &sparse_attention_cuda); }
+
+}  // namespace s2o

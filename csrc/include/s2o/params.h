@@ -1,0 +1,56 @@
+// Plain parameter structs of the s2o CUDA kernels: raw pointers and element strides, no torch.
+// Every [B, H, N, D] tensor has a contiguous last dimension; strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+#include "s2o/layout.h"
+
+namespace s2o {
+
+// Keys per tile of the CUDA sparse attention kernel (the op's block_n must equal it on CUDA).
+constexpr int kCudaBlockN = 64;
+// Most query rows one CUDA work unit may have (unit heads x block_m), padded to 64 or 128 rows per
+// thread block. s2o/config.py's UNIT_ROWS picks block_m so that units fill it.
+constexpr int kCudaMaxUnitRows = 128;
+
+struct TensorStrides {  // of a [B, H, N, D] tensor
+  int64_t batch, head, row;
+};
+
+struct EstimateImportanceParams {
+  const void* query;        // [B, Hq, Nq, D]
+  const void* key;          // [B, Hkv, Nk, D]
+  float* representatives;   // [B, H_ord, num_segments, D], contiguous
+  float* scores;            // [B, H_ord, T], contiguous
+  TensorStrides q_strides, k_strides;
+  SegmentLayout layout;
+  int batch, q_heads, kv_heads, head_dim;
+  int group;                // Hq / Hkv
+  int ordering_heads;       // H_ord
+  bool order_per_kv_head;
+};
+
+struct SparseAttentionParams {
+  const void* query;        // [B, Hq, Nq, D]
+  const void* key;          // [B, Hkv, Nk, D]
+  const void* value;        // [B, Hkv, Nk, D]
+  const int32_t* indices;   // [B, H_ord, T], contiguous: per segment its history keys, ranked
+  void* out;                // [B, Hq, Nq, D], contiguous
+  float* lse;               // [B, Hq, Nq], contiguous
+  int32_t* tile_counts;     // [B, H_ord, num_q_tiles], contiguous
+  TensorStrides q_strides, k_strides, v_strides;
+  SegmentLayout layout;
+  int batch, q_heads, kv_heads;
+  int group;                // Hq / Hkv
+  int ordering_heads;       // H_ord
+  int unit_heads;           // query heads per work unit: G with order_per_kv_head, else 1
+  int block_m;              // query rows per head in a work unit
+  int num_q_tiles;          // ceil(Nq / block_m)
+  float scale_log2;         // softmax scale * log2(e): scores are kept in the log2 domain
+  float threshold;
+  int patience;
+  bool order_per_kv_head;
+};
+
+}  // namespace s2o

@@ -1,0 +1,405 @@
+// The early-stopping sparse attention kernel (sm_80+, mma.sync m16n8k16). Torch-free.
+//
+// One thread block computes one work unit: block_m query rows of one segment for the unit's
+// query heads (all G heads of a KV group with per-KV-head ordering, so they share every K/V tile
+// the block loads), padded to kRows = 64 or 128 rows, 4 warps of 16 or 32 rows. It visits key tiles of kBlockN keys:
+//   tiles [0, n_local):         the local keys from the segment start, dense, causal mask;
+//   tiles [n_local, n_tiles):   the ranked history, rows gathered through the index list.
+// After each history tile the block stops once no row got at least `threshold` of its softmax
+// mass from the tile, `patience` tiles in a row (see csrc/cpu/sparse_attention_cpu.cpp, the
+// specification this kernel is tested against).
+//
+// Pipeline per tile t (one barrier per tile): wait for tile t's K/V and tile t+1's indices; decide
+// whether tile t-1 stopped the unit; issue tile t+2's indices and tile t+1's K/V (cp.async,
+// 16-byte rows chunks, double-buffered); compute S = Q K^T, the online softmax, the stop flags and
+// O += P V on tile t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "s2o/common.cuh"
+#include "s2o/layout.h"
+#include "s2o/params.h"
+
+namespace s2o {
+
+template <typename Element_, int kHeadDim_, int kRows_>
+struct SparseAttentionTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRows = kRows_;          // query rows per block (unit rows, padded)
+  static constexpr int kBlockN = kCudaBlockN;   // keys per tile (the op's block_n)
+  static constexpr int kSubN = 32;              // keys per compute step: 4 mma n-tiles
+  static constexpr int kWarps = 4;              // two blocks per SM fit in registers
+  static constexpr int kThreads = kWarps * 32;
+  // 16-row mma tiles per warp: with 2, each K/V fragment read from shared memory feeds two tiles.
+  static constexpr int kMTiles = kRows / (16 * kWarps);
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  static constexpr int kIndexStages = 3;        // index tiles in flight: t+1 in use, t+2 loading
+  static constexpr int kTileElements = kBlockN * kHeadDim;
+  static constexpr int kSmemBytes = (kRows * kHeadDim + 4 * kTileElements) * 2 +
+                                    kIndexStages * kBlockN * 4 + 2 * kWarps * 4;
+  static_assert(kHeadDim % 64 == 0, "the swizzle needs at least 8 chunks per row");
+  static_assert(kRows == 64 || kRows == 128, "64 or 128 rows per block");
+  static_assert(kBlockN % kSubN == 0 && kSubN % 16 == 0, "whole compute steps per tile");
+  static_assert(kRows <= kCudaMaxUnitRows, "a block holds one work unit");
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][kHeadDim] shared tile. The
+// XOR swizzle spreads the 8 rows an ldmatrix reads at one column over distinct banks.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+// Byte offsets of the 16-byte rows one thread hands to ldmatrix in a swizzled [rows][kHeadDim]
+// tile. The thread reads row (row_base + lane_row) at chunk 2 i + chunk_bit for i = 0..kHeadDim/16;
+// with row_base a multiple of 8 the swizzle depends only on lane_row, so four per-thread offsets
+// (by i % 4) plus compile-time immediates give every address (the same swizzle as `swizzle`).
+template <int kHeadDim>
+struct FragmentOffsets {
+  uint32_t lane_offset[4];
+
+  __device__ __forceinline__ FragmentOffsets(int lane_row, int chunk_bit) {
+    const int r7 = lane_row & 7, high = r7 >> 1, low = chunk_bit ^ (r7 & 1);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) lane_offset[j] = lane_row * kHeadDim * 2 + 32 * (j ^ high) + 16 * low;
+  }
+  __device__ __forceinline__ uint32_t operator()(int row_base, int i) const {
+    return row_base * kHeadDim * 2 + 128 * (i >> 2) + lane_offset[i & 3];
+  }
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 2)
+    sparse_attention_kernel(const __grid_constant__ SparseAttentionParams p) {
+  using Element = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, kRows = Traits::kRows, kBlockN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads, kChunks = Traits::kChunks, kWarps = Traits::kWarps;
+  constexpr int kMTiles = Traits::kMTiles, kSubN = Traits::kSubN;
+  constexpr float kNegInf = -INFINITY;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  Element* s_q = reinterpret_cast<Element*>(smem);
+  Element* s_k = s_q + kRows * D;                    // [2][kBlockN][D]
+  Element* s_v = s_k + 2 * Traits::kTileElements;    // [2][kBlockN][D]
+  int32_t* s_index = reinterpret_cast<int32_t*>(s_v + 2 * Traits::kTileElements);  // [3][kBlockN]
+  int* s_loud = s_index + Traits::kIndexStages * kBlockN;  // [2][kWarps]: a row was not quiet
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const SegmentLayout& layout = p.layout;
+  const int q_tile = p.num_q_tiles - 1 - blockIdx.x;  // longest histories first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int first_head = p.order_per_kv_head ? h * p.group : h;
+  const int kv_head = p.order_per_kv_head ? h : h / p.group;
+  const int64_t row_begin = int64_t(q_tile) * p.block_m;
+  const int64_t row_end = min(row_begin + p.block_m, layout.num_queries);
+  const int unit_rows = p.unit_heads * p.block_m;
+  const int64_t segment = row_begin / layout.segment_size;
+
+  const int64_t local_begin = layout.segment_start(segment);
+  const int64_t local_end = min(row_end + layout.q_offset, layout.num_keys);
+  const int n_local = layout.is_causal && local_end > local_begin
+                          ? int(ceil_div(local_end - local_begin, kBlockN))
+                          : 0;
+  const int64_t history = layout.history_length(segment);
+  const int n_tiles = n_local + int(ceil_div(history, kBlockN));
+  const int32_t* ranked = p.indices +
+                          (int64_t(b) * p.ordering_heads + h) * layout.total_history() +
+                          layout.history_offset(segment);
+
+  const Element* q = static_cast<const Element*>(p.query) + b * p.q_strides.batch;
+  const Element* k = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
+                     kv_head * p.k_strides.head;
+  const Element* v = static_cast<const Element*>(p.value) + b * p.v_strides.batch +
+                     kv_head * p.v_strides.head;
+
+  // Index tile u (a history tile) -> s_index[u % 3]; zero past the history's end.
+  auto issue_indices = [&](int u) {
+    if (u < n_local || u >= n_tiles || tid >= kBlockN) return;
+    const int64_t slot = int64_t(u - n_local) * kBlockN + tid;
+    const bool valid = slot < history;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                     smem_address(s_index + (u % Traits::kIndexStages) * kBlockN + tid)),
+                 "l"(valid ? ranked + slot : ranked), "r"(valid ? 4 : 0));
+  };
+  // K and V rows of tile u -> stage u % 2; rows past the tile's end are zero-filled.
+  auto issue_kv = [&](int u) {
+    if (u >= n_tiles) return;
+    const int stage = u % 2;
+    const bool local = u < n_local;
+    const int64_t tile_begin =
+        local ? local_begin + int64_t(u) * kBlockN : int64_t(u - n_local) * kBlockN;
+    const int64_t tile_end = local ? local_end : history;
+    const int32_t* tile_index = s_index + (u % Traits::kIndexStages) * kBlockN;
+#pragma unroll
+    for (int c = tid; c < kBlockN * kChunks; c += kThreads) {
+      const int j = c / kChunks, chunk = c % kChunks;
+      const bool valid = tile_begin + j < tile_end;
+      int64_t key = 0;
+      if (valid) {
+        key = local ? tile_begin + j : tile_index[j];
+        key = min(max(key, int64_t(0)), layout.num_keys - 1);  // memory safety for bad indices
+      }
+      const int offset = stage * Traits::kTileElements + swizzle<D>(j, chunk);
+      cp_async_16(smem_address(s_k + offset), k + key * p.k_strides.row + chunk * 8,
+                  valid ? 16 : 0);
+      cp_async_16(smem_address(s_v + offset), v + key * p.v_strides.row + chunk * 8,
+                  valid ? 16 : 0);
+    }
+  };
+
+  // Query rows (padding rows zero) and the first index tiles.
+#pragma unroll
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, chunk = c % kChunks;
+    const int64_t i = row_begin + r % p.block_m;
+    const bool valid = r < unit_rows && i < row_end;
+    const Element* src =
+        valid ? q + (first_head + r / p.block_m) * p.q_strides.head + i * p.q_strides.row + chunk * 8
+              : q;
+    cp_async_16(smem_address(s_q + swizzle<D>(r, chunk)), src, valid ? 16 : 0);
+  }
+  issue_indices(0);
+  issue_indices(1);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  issue_kv(0);
+  cp_async_commit();
+
+  // This thread's rows: in each of the warp's m-tiles, rows lane / 4 and lane / 4 + 8. A row's
+  // position relative to the segment start decides the causal mask of the local tiles.
+  const int warp_row = warp * 16 * kMTiles;
+  const int quad_col = 2 * (lane % 4);
+  const int tile_row_offset = int(row_begin - segment * layout.segment_size);
+  int row_offset[kMTiles][2];
+  uint32_t valid_rows = 0;  // bit 2 * m + x
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      const int r = warp_row + m * 16 + lane / 4 + 8 * x;
+      row_offset[m][x] = tile_row_offset + r % p.block_m;
+      if (r < unit_rows && row_begin + r % p.block_m < row_end) valid_rows |= 1u << (2 * m + x);
+    }
+  }
+
+  // ldmatrix rows of this lane: Q and V take matrices (rows 0-7, 8-15) x (chunk 0, 1) as
+  // lane quads 0-3, K as (chunk 0, 1) x (rows 0-7, 8-15).
+  const int quad = lane / 8;
+  const FragmentOffsets<D> q_rows(lane % 8 + (quad & 1) * 8, quad >> 1);
+  const FragmentOffsets<D> k_rows(lane % 8 + (quad >> 1) * 8, quad & 1);
+  const FragmentOffsets<D> v_rows(lane % 8 + (quad & 1) * 8, quad >> 1);
+  const uint32_t q_base = smem_address(s_q);
+
+  float o[kMTiles][D / 8][4];
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) o[m][dn][0] = o[m][dn][1] = o[m][dn][2] = o[m][dn][3] = 0.0f;
+  float row_max[kMTiles][2], row_mass[kMTiles][2];
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+    row_max[m][0] = row_max[m][1] = kNegInf;
+    row_mass[m][0] = row_mass[m][1] = 0.0f;
+  }
+  const bool early_stop = p.threshold > 0.0f;
+  int quiet_tiles = 0, tiles_done = 0;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (early_stop && t > n_local) {  // tile t-1 was a history tile: did it stop the unit?
+      bool loud = false;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) loud |= s_loud[((t - 1) % 2) * kWarps + w] != 0;
+      quiet_tiles = loud ? 0 : quiet_tiles + 1;
+      if (quiet_tiles >= p.patience) break;
+    }
+    issue_indices(t + 2);
+    issue_kv(t + 1);
+    cp_async_commit();
+
+    const int stage = t % 2;
+    const uint32_t k_base = smem_address(s_k + stage * Traits::kTileElements);
+    const uint32_t v_base = smem_address(s_v + stage * Traits::kTileElements);
+
+    // The tile in halves of kSubN keys (half the score registers); the online softmax carries
+    // over, and the tile's mass is accumulated in the running frame.
+    const bool local = t < n_local;
+    const int64_t tile_begin =
+        local ? local_begin + int64_t(t) * kBlockN : int64_t(t - n_local) * kBlockN;
+    const int valid_keys = int(min(int64_t(kBlockN), (local ? local_end : history) - tile_begin));
+    const bool needs_mask = local || valid_keys < kBlockN;
+    float tile_gain[kMTiles][2];
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) tile_gain[m][0] = tile_gain[m][1] = 0.0f;
+
+#pragma unroll 1  // a real loop: unrolled, the halves' live ranges overlap and spill
+    for (int half = 0; half < kBlockN / kSubN; ++half) {
+      // S = Q K^T for this warp's rows x kSubN keys; each K fragment serves all m-tiles.
+      float s[kMTiles][kSubN / 8][4];
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+        for (int jn = 0; jn < kSubN / 8; ++jn) s[m][jn][0] = s[m][jn][1] = s[m][jn][2] = s[m][jn][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t qa[kMTiles][4];
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) ldmatrix_x4(qa[m], q_base + q_rows(warp_row + m * 16, kk));
+#pragma unroll
+        for (int jn = 0; jn < kSubN / 16; ++jn) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, k_base + k_rows(half * kSubN + jn * 16, kk));
+#pragma unroll
+          for (int m = 0; m < kMTiles; ++m) {
+            mma_16816<Element>(s[m][2 * jn], qa[m], kb);
+            mma_16816<Element>(s[m][2 * jn + 1], qa[m], kb + 2);
+          }
+        }
+      }
+
+      // Scale into the log2 domain; mask keys past the tile's end and (local tiles) keys after
+      // the row's position. Full history tiles, the common case, need no mask.
+      if (needs_mask) {
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+          for (int x = 0; x < 2; ++x) {
+            // Keys j > last_key of the tile are masked.
+            const int own = local ? row_offset[m][x] - t * kBlockN : kBlockN;
+            const int last_key = min(own, valid_keys - 1) - half * kSubN;
+#pragma unroll
+            for (int jn = 0; jn < kSubN / 8; ++jn) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float& value = s[m][jn][2 * x + e];
+                value = jn * 8 + quad_col + e > last_key ? kNegInf : value * p.scale_log2;
+              }
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+          for (int jn = 0; jn < kSubN / 8; ++jn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[m][jn][e] *= p.scale_log2;
+      }
+
+      // Online softmax: new max, rescale, probabilities, mass.
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          float sub_max = kNegInf;
+#pragma unroll
+          for (int jn = 0; jn < kSubN / 8; ++jn)
+            sub_max = fmaxf(sub_max, fmaxf(s[m][jn][2 * x], s[m][jn][2 * x + 1]));
+          sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 1));
+          sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 2));
+          const float new_max = fmaxf(row_max[m][x], sub_max);
+          const float frame = new_max == kNegInf ? 0.0f : new_max;  // all masked so far
+          const float alpha = fast_exp2(row_max[m][x] - frame);
+          float gain = 0.0f;
+#pragma unroll
+          for (int jn = 0; jn < kSubN / 8; ++jn) {
+            s[m][jn][2 * x] = fast_exp2(s[m][jn][2 * x] - frame);
+            s[m][jn][2 * x + 1] = fast_exp2(s[m][jn][2 * x + 1] - frame);
+            gain += s[m][jn][2 * x] + s[m][jn][2 * x + 1];
+          }
+          gain += __shfl_xor_sync(0xffffffff, gain, 1);
+          gain += __shfl_xor_sync(0xffffffff, gain, 2);
+          row_max[m][x] = new_max;
+          row_mass[m][x] = row_mass[m][x] * alpha + gain;
+          tile_gain[m][x] = tile_gain[m][x] * alpha + gain;
+#pragma unroll
+          for (int dn = 0; dn < D / 8; ++dn) {
+            o[m][dn][2 * x] *= alpha;
+            o[m][dn][2 * x + 1] *= alpha;
+          }
+        }
+      }
+
+      // O += P V, P from the score registers (the m16n8 accumulator layout is the A layout);
+      // each V fragment serves all m-tiles.
+#pragma unroll
+      for (int kk = 0; kk < kSubN / 16; ++kk) {
+        uint32_t a[kMTiles][4];
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) {
+          a[m][0] = pack2<Element>(s[m][2 * kk][0], s[m][2 * kk][1]);
+          a[m][1] = pack2<Element>(s[m][2 * kk][2], s[m][2 * kk][3]);
+          a[m][2] = pack2<Element>(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+          a[m][3] = pack2<Element>(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t vb[4];
+          ldmatrix_x4_trans(vb, v_base + v_rows(half * kSubN + kk * 16, dd));
+#pragma unroll
+          for (int m = 0; m < kMTiles; ++m) {
+            mma_16816<Element>(o[m][2 * dd], a[m], vb);
+            mma_16816<Element>(o[m][2 * dd + 1], a[m], vb + 2);
+          }
+        }
+      }
+    }
+
+    // The stop test on the whole tile: did any row get at least `threshold` of its mass from it?
+    // NaN ratios count as quiet, as in the CPU kernel's fmax.
+    if (early_stop && !local) {
+      bool loud = false;
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const bool valid = (valid_rows >> (2 * m + x)) & 1u;
+          loud |= valid && row_mass[m][x] > 0.0f && tile_gain[m][x] / row_mass[m][x] >= p.threshold;
+        }
+      }
+      loud = __any_sync(0xffffffff, loud);
+      if (lane == 0) s_loud[stage * kWarps + warp] = loud;
+    }
+    tiles_done = t + 1;
+  }
+  cp_async_wait<0>();
+
+  if (tid == 0) {
+    p.tile_counts[(int64_t(b) * p.ordering_heads + h) * p.num_q_tiles + q_tile] = tiles_done;
+  }
+  Element* out = static_cast<Element*>(p.out);
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      if (!((valid_rows >> (2 * m + x)) & 1u)) continue;
+      const int r = warp_row + m * 16 + lane / 4 + 8 * x;
+      const int head = first_head + r / p.block_m;
+      const int64_t row =
+          (int64_t(b) * p.q_heads + head) * layout.num_queries + row_begin + r % p.block_m;
+      const float inv_mass = 1.0f / row_mass[m][x];
+      Element* dst = out + row * D + quad_col;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        *reinterpret_cast<uint32_t*>(dst + dn * 8) =
+            pack2<Element>(o[m][dn][2 * x] * inv_mass, o[m][dn][2 * x + 1] * inv_mass);
+      }
+      if (lane % 4 == 0) p.lse[row] = (row_max[m][x] + log2f(row_mass[m][x])) * 0.69314718055994531f;
+    }
+  }
+}
+
+}  // namespace s2o

@@ -1,0 +1,36 @@
+"""A small run of every CUDA kernel variant, for compute-sanitizer (not collected by pytest):
+
+    compute-sanitizer --tool memcheck python -m tests.sanitizer_case
+    compute-sanitizer --tool racecheck python -m tests.sanitizer_case
+
+Exits non-zero if a CUDA result differs from the CPU kernels'.
+"""
+
+import torch
+
+from .conftest import Case, make_qkv, run_pipeline
+
+CASES = [
+    Case(1, 4, 4, 150, 150, 64, 64, 16, 64),  # 16-row units -> 64-row blocks
+    Case(1, 8, 2, 140, 170, 128, 64, 32, 64, q_offset=30),  # 128-row blocks, bottom-right
+    Case(1, 4, 2, 100, 90, 128, 32, 32, 64, is_causal=False),
+]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for case in CASES:
+        for dtype in (torch.bfloat16, torch.float16):
+            q, k, v = make_qkv(case, dtype, contiguous=False, peaky=True)
+            _, indices, (out, _, counts) = run_pipeline(case, q, k, v, threshold=0.02)
+            qc, kc, vc = (t.cuda() for t in (q, k, v))
+            _, indices_c, (out_c, _, counts_c) = run_pipeline(case, qc, kc, vc, threshold=0.02)
+            torch.cuda.synchronize()
+            assert torch.equal(indices_c.cpu(), indices), case
+            assert (counts_c.cpu() == counts).float().mean() > 0.9, case
+            assert (out_c.cpu().float() - out.float()).abs().max() < 0.1, case
+    print("sanitizer case: all kernel variants ran and agree with the CPU")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""CUDA kernels against the CPU kernels (the specification): indices exactly, outputs to dtype
+tolerance, tile counts equal except at near-threshold decisions. Needs a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import s2o
+from s2o import S2OConfig, data, reference
+
+from .conftest import Case, make_qkv, run_pipeline
+
+pytestmark = pytest.mark.cuda
+
+# The CUDA kernels take bf16/fp16, head dim 64/128, block_n 64 and at most 128 rows per unit.
+CUDA_CASES = [
+    Case(1, 4, 4, 300, 300, 64, 64, 16, 64),  # MHA
+    Case(2, 8, 2, 257, 257, 128, 64, 32, 64),  # GQA (4 x 32 = 128 rows per unit), batch 2
+    Case(1, 6, 1, 200, 333, 64, 48, 16, 64, q_offset=133),  # MQA (96 rows), bottom-right
+    Case(1, 4, 2, 150, 400, 128, 32, 16, 64),  # top-left with Nq < Nk
+    Case(1, 4, 2, 300, 200, 64, 64, 32, 64),  # top-left with Nq > Nk
+    Case(1, 4, 2, 190, 260, 128, 64, 32, 64, is_causal=False),  # no mask
+    Case(1, 2, 1, 40, 40, 64, 64, 64, 64),  # shorter than one segment and one tile
+    Case(1, 32, 8, 1000, 1000, 128, 256, 32, 64),  # Llama-3 head shape
+]
+DTYPES = [torch.bfloat16, torch.float16]
+# Output tolerance of the CUDA kernel against the CPU kernel on the same inputs: the CUDA kernel
+# rounds the probabilities to the input dtype before the P V product (as FlashAttention does).
+CUDA_TOLERANCES = {torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
+DECISION_MARGIN = 1e-3
+
+
+def _pair(case, dtype, contiguous=True, peaky=True):
+    """The same random inputs on the CPU and the GPU."""
+    cpu = make_qkv(case, dtype, contiguous=contiguous, peaky=peaky)
+    return cpu, tuple(t.cuda() for t in cpu)
+
+
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("order_per_kv_head", [True, False], ids=["kvhead", "qhead"])
+def test_estimate_importance_is_bitwise_equal_to_cpu(case, dtype, order_per_kv_head):
+    (q, k, _), (qc, kc, _) = _pair(case, dtype, contiguous=case.batch == 1)
+    kwargs = dict(
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        order_per_kv_head=order_per_kv_head,
+    )
+    reps, scores = s2o.estimate_importance(q, k, **kwargs)
+    reps_c, scores_c = s2o.estimate_importance(qc, kc, **kwargs)
+    assert torch.equal(reps_c.cpu(), reps)
+    assert torch.equal(scores_c.cpu(), scores)
+
+
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("rank_bits", [32, 16, 3])
+def test_permute_indices_is_equal_to_cpu(case, rank_bits):
+    (q, k, _), _ = _pair(case, torch.bfloat16)
+    _, scores = s2o.estimate_importance(
+        q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
+    )
+    kwargs = dict(
+        num_queries=case.num_queries,
+        num_keys=case.num_keys,
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        rank_bits=rank_bits,
+    )
+    expected = s2o.permute_indices(scores, **kwargs)
+    assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
+
+
+def test_permute_indices_special_values_on_cuda():
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([1.0, -0.0, 3.0, 1.0, nan, 0.0, -inf, 3.0]).view(1, 1, 8).cuda()
+    indices = s2o.permute_indices(scores, num_queries=9, num_keys=9, segment_size=8)
+    assert indices[0, 0].tolist() == [4, 2, 7, 0, 3, 1, 5, 6]
+
+
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("order_per_kv_head", [True, False], ids=["kvhead", "qhead"])
+@pytest.mark.parametrize("threshold", [0.0, 0.02])
+def test_sparse_attention_matches_cpu(case, dtype, order_per_kv_head, threshold):
+    if case.q_heads // case.kv_heads * case.block_m > 128 and order_per_kv_head:
+        pytest.skip("unit larger than the CUDA kernel's 128 rows")
+    (q, k, v), (qc, kc, vc) = _pair(case, dtype, contiguous=case.batch == 1)
+    scores, indices, (out, lse, counts) = run_pipeline(
+        case, q, k, v, order_per_kv_head=order_per_kv_head, threshold=threshold
+    )
+    _, indices_c, (out_c, lse_c, counts_c) = run_pipeline(
+        case, qc, kc, vc, order_per_kv_head=order_per_kv_head, threshold=threshold
+    )
+    assert torch.equal(indices_c.cpu(), indices)
+    ref = reference.sparse_attention(
+        q,
+        k,
+        v,
+        indices,
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        order_per_kv_head=order_per_kv_head,
+        block_m=case.block_m,
+        block_n=case.block_n,
+        threshold=threshold,
+    )
+    clear = ref.decision_margin > DECISION_MARGIN
+    assert clear.float().mean() > 0.9
+    assert torch.equal(counts[clear], ref.tile_counts[clear])
+    assert torch.equal(counts_c.cpu()[clear], counts[clear])
+    if bool(clear.all()):
+        atol, rtol = CUDA_TOLERANCES[dtype]
+        torch.testing.assert_close(out_c.cpu().float(), out.float(), atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse_c.cpu(), lse, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 2048, 128), (2, 8, 8, 1500, 64), (1, 8, 1, 777, 128)])
+def test_threshold_zero_matches_sdpa(is_causal, shape):
+    b, hq, hkv, n, d = shape
+    q = torch.randn(b, hq, n, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    config = S2OConfig(threshold=0.0, min_keys=1, strict=True)
+    out = s2o.attention(q, k, v, is_causal=is_causal, enable_gqa=hq != hkv, config=config)
+    expected = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=hq != hkv
+    )
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_structured_long_sequence_against_cpu_and_dense():
+    """At 4K on the structured data (Llama head shape), the GPU computes the CPU kernel's tile
+    counts (all but near-threshold units) and stays within the error of the sparse method."""
+    q, k, v = data.structured_qkv(4096, dtype=torch.bfloat16, seed=2)
+    config = S2OConfig(threshold=0.02, min_keys=1, strict=True)
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
+    )
+    out_c, stats_c = s2o.attention(
+        q.cuda(),
+        k.cuda(),
+        v.cuda(),
+        is_causal=True,
+        enable_gqa=True,
+        config=config,
+        return_stats=True,
+    )
+    same = (stats_c.tile_counts.cpu() == stats.tile_counts).float().mean()
+    assert same > 0.98
+    assert abs(stats_c.density - stats.density) < 0.01
+    dense = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+    )
+    err_cpu = (out.float() - dense).norm() / dense.norm()
+    err_gpu = (out_c.cpu().float() - dense).norm() / dense.norm()
+    assert err_gpu < 0.1 and abs(err_gpu - err_cpu) < 0.01
+
+
+def test_cuda_graph_capture():
+    q = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    config = S2OConfig(threshold=0.01, min_keys=1, strict=True)
+    eager = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph
+        s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(
+        captured, s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+    )
+    assert not torch.equal(captured, eager)
+
+
+def test_nan_key_reaches_the_rows_that_attend_to_it():
+    # A NaN key ranks first, so every row that can see it attends to it and gets NaN; rows of
+    # query tiles before its position stay finite. (SDPA's CUDA backends spread it to every row.)
+    case = Case(1, 2, 1, 300, 300, 64, 64, 32, 64)
+    _, (q, k, v) = _pair(case, torch.bfloat16, peaky=False)
+    k[0, 0, 70, 3] = float("nan")
+    _, _, (out, _, _) = run_pipeline(case, q, k, v, threshold=0.05)
+    nan_rows = out.isnan().any(-1).cpu()
+    assert nan_rows[..., 70:].all()
+    assert not nan_rows[..., :64].any()
+
+
+def test_cuda_input_errors():
+    q = torch.randn(1, 4, 100, 32, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 100, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="unsupported head dim"):
+        s2o.estimate_importance(q, k, segment_size=32)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        s2o.estimate_importance(q.float(), k.float(), segment_size=32)
+    case = Case(1, 4, 2, 100, 100, 64, 32, 16, 64)
+    _, (q, k, v) = _pair(case, torch.bfloat16)
+    _, indices, _ = run_pipeline(case, q, k, v)
+    kwargs = dict(segment_size=32, block_m=16, threshold=0.0)
+    with pytest.raises(RuntimeError, match="block_n=64"):
+        s2o.sparse_attention(q, k, v, indices, block_n=32, **kwargs)
+    big = Case(1, 16, 1, 100, 100, 64, 32, 16, 64)
+    _, (q, k, v) = _pair(big, torch.bfloat16)
+    _, indices, _ = run_pipeline(Case(1, 16, 1, 100, 100, 64, 32, 2, 64), q, k, v)
+    with pytest.raises(RuntimeError, match="at most 128 rows"):
+        s2o.sparse_attention(q, k, v, indices, block_n=64, **kwargs)
+
+
+def test_head_chunking_gives_the_same_result():
+    q, k, v = (t.cuda() for t in data.structured_qkv(2048, dtype=torch.bfloat16, seed=7))
+    whole = S2OConfig(threshold=0.02, min_keys=1)
+    chunked = S2OConfig(threshold=0.02, min_keys=1, workspace_bytes=1)  # one KV head at a time
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=whole, return_stats=True
+    )
+    out2, stats2 = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=chunked, return_stats=True
+    )
+    assert torch.equal(out, out2) and torch.equal(stats.tile_counts, stats2.tile_counts)
