@@ -129,10 +129,27 @@ class _StageClock:
         self.last = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        """Adds the time since the last lap to stage `name`."""
         self.sync()
         now = time.perf_counter()
-        self.times[name] = (now - self.last) * 1e3
+        self.times[name] = self.times.get(name, 0.0) + (now - self.last) * 1e3
         self.last = now
+
+
+# Scratch bytes per history entry of one ordering head while ranking: the fp32 score, two radix
+# sort keys of up to 8 bytes, the key index being sorted and the ranked index.
+_RANKING_BYTES_PER_ENTRY = 4 + 2 * 8 + 4 + 4
+
+
+def _kv_head_chunks(
+    batch: int, kv_heads: int, ordering_per_kv: int, layout: SegmentLayout, config: S2OConfig
+) -> list[tuple[int, int]]:
+    """KV-head ranges [begin, end) to process one after the other: as many KV heads per chunk as
+    keep the ranking scratch (``ordering_per_kv`` ordering heads per KV head) within
+    ``config.workspace_bytes``; at least one."""
+    per_kv_head = batch * ordering_per_kv * layout.total_history * _RANKING_BYTES_PER_ENTRY
+    per_chunk = max(1, min(kv_heads, config.workspace_bytes // max(1, per_kv_head)))
+    return [(h, min(h + per_chunk, kv_heads)) for h in range(0, kv_heads, per_chunk)]
 
 
 def _q_offset(num_queries: int, num_keys: int, is_causal: bool, config: S2OConfig) -> int:
@@ -197,39 +214,61 @@ def attention(
     block_m = config.resolve_block_m(group)
     per_kv = config.order_per_kv_head
 
-    _, scores = torch.ops.s2o.estimate_importance(
-        query, key, config.segment_size, q_offset, is_causal, per_kv
-    )
-    if clock is not None:
-        clock.lap("estimate")
-    indices = torch.ops.s2o.permute_indices(
-        scores, num_queries, num_keys, config.segment_size, q_offset, is_causal, config.rank_bits
-    )
-    del scores
-    if clock is not None:
-        clock.lap("permute")
-    out, _, tile_counts = torch.ops.s2o.sparse_attention(
-        query,
-        key,
-        value,
-        indices,
-        config.segment_size,
-        q_offset,
-        is_causal,
-        per_kv,
-        block_m,
-        config.block_n,
-        config.threshold,
-        config.patience,
-        scale,
-    )
+    layout = SegmentLayout(num_queries, num_keys, config.segment_size, q_offset, is_causal)
+    # Scores and ranked indices grow with the square of the length: rank and attend a few KV
+    # heads at a time so that their scratch stays within config.workspace_bytes.
+    chunks = _kv_head_chunks(key.shape[0], key.shape[1], group if not per_kv else 1, layout, config)
+    out = query.new_empty(query.shape) if len(chunks) > 1 else None
+    all_counts = []
+    for kv_begin, kv_end in chunks:
+        q_chunk = query[:, kv_begin * group : kv_end * group]
+        k_chunk, v_chunk = key[:, kv_begin:kv_end], value[:, kv_begin:kv_end]
+        _, scores = torch.ops.s2o.estimate_importance(
+            q_chunk, k_chunk, config.segment_size, q_offset, is_causal, per_kv
+        )
+        if clock is not None:
+            clock.lap("estimate")
+        indices = torch.ops.s2o.permute_indices(
+            scores,
+            num_queries,
+            num_keys,
+            config.segment_size,
+            q_offset,
+            is_causal,
+            config.rank_bits,
+        )
+        del scores
+        if clock is not None:
+            clock.lap("permute")
+        out_chunk, _, tile_counts = torch.ops.s2o.sparse_attention(
+            q_chunk,
+            k_chunk,
+            v_chunk,
+            indices,
+            config.segment_size,
+            q_offset,
+            is_causal,
+            per_kv,
+            block_m,
+            config.block_n,
+            config.threshold,
+            config.patience,
+            scale,
+        )
+        del indices
+        if out is None:
+            out = out_chunk
+        else:
+            out[:, kv_begin * group : kv_end * group].copy_(out_chunk)
+        all_counts.append(tile_counts)
+        if clock is not None:
+            clock.lap("attend")
     if squeeze_heads:
         out = out.squeeze(1)
     if clock is None:
         return out
-    clock.lap("attend")
 
-    layout = SegmentLayout(num_queries, num_keys, config.segment_size, q_offset, is_causal)
+    tile_counts = torch.cat(all_counts, dim=1)
     dense = (
         dense_tiles(layout, block_m, config.block_n) * tile_counts.shape[0] * tile_counts.shape[1]
     )

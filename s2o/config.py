@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-# Rows of one CUDA work unit (query heads of the unit x block_m); block_m=None picks
-# block_m = kUnitRows // heads per unit, so a unit fills one thread block of the CUDA kernel.
+# Rows of one CUDA work unit (query heads of the unit x block_m; kCudaMaxUnitRows in
+# csrc/include/s2o/params.h); block_m=None picks block_m = UNIT_ROWS // heads per unit, so that a
+# unit fills one thread block of the CUDA kernel.
 UNIT_ROWS = 128
 
 
@@ -30,6 +31,9 @@ class S2OConfig:
             (SDPA's is_causal: query i at position i) or ``"bottom_right"`` (queries are the last Nq
             positions: chunked prefill with a KV cache).
         min_keys: sequences with fewer keys go to dense SDPA (too short to gain).
+        workspace_bytes: scratch budget of the ranking (scores, sort buffers, indices grow with
+            the square of the length): KV heads are processed in chunks that fit it (at least
+            one KV head per chunk).
         strict: raise instead of falling back to dense SDPA (also: environment S2O_STRICT=1).
     """
 
@@ -39,9 +43,13 @@ class S2OConfig:
     threshold: float = 0.01
     patience: int = 1
     ordering: Literal["kv_head", "query_head"] = "kv_head"
-    rank_bits: int = 32
+    # 16 bits (sign, exponent, 7 mantissa bits) lets the GPU sort 32-bit composite keys; on the
+    # structured data at 8K it ranks as well as exact fp32 order (density 0.4032 vs 0.4026,
+    # relative error 5.48% vs 5.61%; 12 bits: 0.4046, 5.55%).
+    rank_bits: int = 16
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     min_keys: int = 4096
+    workspace_bytes: int = 512 * 2**20
     strict: bool = False
 
     def __post_init__(self) -> None:

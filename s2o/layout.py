@@ -41,7 +41,13 @@ class SegmentLayout:
         return max(0, min(self.segment_start(s), self.num_keys))
 
     def history_offset(self, s: int) -> int:
-        return sum(self.history_length(t) for t in range(s))
+        """Sum of history_length over segments [0, s), in closed form."""
+        if not self.is_causal:
+            return s * self.num_keys
+        room = self.num_keys - self.q_offset
+        growing = ceil_div(room, self.segment_size) if room > 0 else 0
+        m = min(s, growing)
+        return m * self.q_offset + self.segment_size * m * (m - 1) // 2 + (s - m) * self.num_keys
 
     @property
     def total_history(self) -> int:

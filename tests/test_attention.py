@@ -154,3 +154,21 @@ def test_torch_compile_fullgraph(backend):
     module = _S2OAttn(S2OConfig(threshold=0.05, min_keys=1, segment_size=64))
     compiled = torch.compile(module, fullgraph=True, backend=backend)
     torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
+
+
+@pytest.mark.parametrize("ordering", ["kv_head", "query_head"])
+def test_head_chunking_gives_the_same_result(ordering):
+    q, k, v = data.structured_qkv(1024, q_heads=8, kv_heads=4, head_dim=32, dtype=torch.float32)
+    whole = S2OConfig(threshold=0.02, min_keys=1, segment_size=64, ordering=ordering)
+    chunked = S2OConfig(
+        threshold=0.02, min_keys=1, segment_size=64, ordering=ordering, workspace_bytes=1
+    )
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=whole, return_stats=True
+    )
+    out2, stats2 = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=chunked, return_stats=True
+    )
+    assert torch.equal(out, out2)
+    assert torch.equal(stats.tile_counts, stats2.tile_counts)
+    assert stats.density == stats2.density
