@@ -12,6 +12,7 @@ from . import (
 )
 from .attention import S2OFallbackError, S2OStats, attention, patch_sdpa
 from .config import S2OConfig
+from .integrations import patch_llama  # imports transformers only when called
 from .ops import estimate_importance, permute_indices, sparse_attention
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "S2OStats",
     "attention",
     "estimate_importance",
+    "patch_llama",
     "patch_sdpa",
     "permute_indices",
     "sparse_attention",
