@@ -1,0 +1,265 @@
+"""How fast is s2o against the best dense attention on the GPU?
+
+B=1, Hq=32, Hkv=8, D=128, bf16, causal, at the given lengths, on the package's structured data and
+on plain random data. Rows: SDPA flash backend (FlashAttention-2), SDPA cuDNN backend,
+FlexAttention with a causal block mask (built from block indices, never an N x N mask), s2o with
+threshold 0 (exact) and s2o at the default config. Columns: median ms of CUDA events after
+warm-up, dense-equivalent TFLOP/s, density, error against fp32 dense attention on sampled query
+blocks, the share of s2o's time in estimate + permute, and peak extra GPU memory (beyond q, k, v
+and the output).
+
+    python benchmarks/attention_speed.py --out results/speed
+    python benchmarks/attention_speed.py --lengths 32768 --data structured --methods cudnn s2o
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import s2o  # noqa: E402
+from benchmarks.common import print_header, run_header, write_csv, write_json  # noqa: E402
+from s2o import S2OConfig, data  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+METHODS = ("flash", "cudnn", "flex", "s2o-exact", "s2o")
+# Dense-equivalent methods must match fp32 attention to bf16 accuracy on the sampled rows.
+EXACT_TOLERANCE = 2e-2
+SAMPLE_BLOCKS, SAMPLE_ROWS = 16, 128  # query blocks of the fp32 reference, spread over the length
+
+
+def causal_flops(n: int) -> float:
+    """FLOPs of dense causal attention (QK^T and PV, 2 per multiply-add, half the square)."""
+    return 4.0 * Q_HEADS * HEAD_DIM * n * (n + 1) / 2
+
+
+def make_inputs(kind: str, n: int, seed: int = 0):
+    if kind == "structured":
+        return data.structured_qkv(n, dtype=torch.bfloat16, device="cuda", seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, Q_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
+    return q, k, v
+
+
+def sample_rows(n: int) -> torch.Tensor:
+    """Query rows of the error estimate: SAMPLE_BLOCKS blocks spread evenly, the last included."""
+    starts = torch.linspace(0, n - SAMPLE_ROWS, SAMPLE_BLOCKS).long().unique()
+    return (starts[:, None] + torch.arange(SAMPLE_ROWS)[None, :]).flatten().cuda()
+
+
+def reference_rows(q, k, v, rows: torch.Tensor) -> torch.Tensor:
+    """fp32 causal attention of the sampled query rows: [1, Hq, len(rows), D]."""
+    group = Q_HEADS // KV_HEADS
+    out = torch.empty(1, Q_HEADS, rows.numel(), HEAD_DIM, device="cuda")
+    for h in range(Q_HEADS):
+        kh, vh = k[0, h // group].float(), v[0, h // group].float()
+        logits = (q[0, h, rows].float() @ kh.T) / math.sqrt(HEAD_DIM)
+        logits.masked_fill_(
+            torch.arange(kh.shape[0], device="cuda")[None, :] > rows[:, None], -math.inf
+        )
+        out[0, h] = torch.softmax(logits, dim=-1) @ vh
+    return out
+
+
+def flex_causal(n: int):
+    """FlexAttention and a causal BlockMask built from block indices (no N x N mask)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    block = 128
+    blocks = math.ceil(n / block)
+    ar = torch.arange(blocks, device="cuda", dtype=torch.int32)
+    partial_num = torch.ones(1, 1, blocks, device="cuda", dtype=torch.int32)
+    partial_idx = ar.view(1, 1, blocks, 1).expand(1, 1, blocks, blocks).contiguous()
+    full_num = ar.view(1, 1, blocks).clone()
+    full_idx = ar.view(1, 1, 1, blocks).expand(1, 1, blocks, blocks).contiguous()
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = BlockMask.from_kv_blocks(
+        partial_num,
+        partial_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block,
+        mask_mod=causal,
+        seq_lengths=(n, n),
+    )
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+def method_fn(name: str, n: int, config: S2OConfig):
+    if name in ("flash", "cudnn"):
+        backend = SDPBackend.FLASH_ATTENTION if name == "flash" else SDPBackend.CUDNN_ATTENTION
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        return sdpa
+    if name == "flex":
+        return flex_causal(n)
+    cfg = S2OConfig(**{**config.__dict__, "threshold": 0.0}) if name == "s2o-exact" else config
+    return lambda q, k, v: s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg)
+
+
+def time_ms(fn, args, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn, args) -> int:
+    """Peak memory of one call beyond what was allocated before it and its output."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn(*args)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    del out
+    return max(0, extra)
+
+
+def run(args) -> list[dict]:
+    config = S2OConfig(strict=True)  # a fallback would be measured as s2o: refuse it
+    rows_out = []
+    for kind in args.data:
+        for n in args.lengths:
+            q, k, v = make_inputs(kind, n)
+            rows = sample_rows(n)
+            ref = reference_rows(q, k, v, rows)
+            repeats = args.repeats or max(3, min(30, int(2e6 // n * 10 // 1000) or 3))
+            for name in args.methods:
+                if name == "flex" and n > args.flex_max:
+                    continue
+                fn = method_fn(name, n, config)
+                out = fn(q, k, v)
+                sampled = out[:, :, rows].float()
+                err = sampled - ref
+                mse = float(err.pow(2).mean())
+                rel = float(err.norm() / ref.norm())
+                del out
+                if name != "s2o" and rel > EXACT_TOLERANCE:
+                    raise SystemExit(f"{name} at {n} ({kind}): relative error {rel:.3g} vs fp32")
+                ms = time_ms(fn, (q, k, v), warmup=2, repeats=repeats)
+                row = dict(
+                    data=kind,
+                    length=n,
+                    method=name,
+                    ms=ms,
+                    tflops=causal_flops(n) / ms / 1e9,
+                    mse=mse,
+                    rel_err=rel,
+                    peak_extra_gib=peak_extra_bytes(fn, (q, k, v)) / 2**30,
+                )
+                if name.startswith("s2o"):
+                    cfg = (
+                        S2OConfig(**{**config.__dict__, "threshold": 0.0})
+                        if name == "s2o-exact"
+                        else config
+                    )
+                    _, stats = s2o.attention(
+                        q, k, v, is_causal=True, enable_gqa=True, config=cfg, return_stats=True
+                    )
+                    times = stats.time_ms
+                    row["density"] = stats.density
+                    row["rank_share"] = (times["estimate"] + times["permute"]) / sum(times.values())
+                    row["stage_ms"] = {key: round(val, 3) for key, val in times.items()}
+                rows_out.append(row)
+                print(format_row(row), flush=True)
+            del q, k, v, ref
+            torch.cuda.empty_cache()
+    return rows_out
+
+
+COLUMNS = (
+    "data",
+    "length",
+    "method",
+    "ms",
+    "tflops",
+    "density",
+    "mse",
+    "rel_err",
+    "rank_share",
+    "peak_extra_gib",
+)
+
+
+def format_row(row: dict) -> str:
+    cells = []
+    for col in COLUMNS:
+        val = row.get(col, "")
+        if isinstance(val, float):
+            val = (
+                f"{val:.3g}"
+                if col in ("mse", "rel_err")
+                else f"{val:.3f}"
+                if col != "ms"
+                else f"{val:.2f}"
+            )
+        cells.append(f"{val!s:>11}")
+    return " ".join(cells)
+
+
+def print_summary(rows: list[dict]) -> None:
+    print("\n" + " ".join(f"{c:>11}" for c in COLUMNS))
+    for row in rows:
+        print(format_row(row))
+    by_key = {(r["data"], r["length"], r["method"]): r for r in rows}
+    print("\nspeedup of s2o (default config) over the dense baselines:")
+    for (kind, n, name), row in by_key.items():
+        if name != "s2o":
+            continue
+        parts = [f"{kind:>10} {n:>7}:"]
+        for base in ("flash", "cudnn", "flex"):
+            if (kind, n, base) in by_key:
+                parts.append(f"{by_key[(kind, n, base)]['ms'] / row['ms']:.2f}x vs {base}")
+        print("  ".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072]
+    )
+    parser.add_argument(
+        "--data", nargs="+", default=["structured", "random"], choices=["structured", "random"]
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=0, help="timed runs (0: by length)")
+    parser.add_argument("--flex-max", type=int, default=65536, help="longest length for flex")
+    parser.add_argument("--out", type=Path, default=Path("results/speed"))
+    args = parser.parse_args()
+    header = run_header("cuda")
+    header["config"] = str(S2OConfig())
+    print_header(header)
+    rows = run(args)
+    print_summary(rows)
+    write_json(args.out / "attention_speed.json", {"header": header, "rows": rows})
+    write_csv(args.out / "attention_speed.csv", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Helpers shared by the benchmark scripts: the run header and result files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_revision() -> str:
+    """Short hash of HEAD, with ``+dirty`` when the working tree has changes; ``unknown`` outside
+    a git checkout."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def run_header(device: torch.device | str) -> dict[str, str]:
+    """Machine, torch, CUDA and git revision of this run (printed first, stored with results)."""
+    device = torch.device(device)
+    header = {
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "device": "cpu",
+        "torch_threads": str(torch.get_num_threads()),
+        "git": git_revision(),
+    }
+    if device.type == "cuda":
+        header["device"] = torch.cuda.get_device_name(device)
+    return header
+
+
+def print_header(header: dict[str, str]) -> None:
+    for key, value in header.items():
+        print(f"# {key}: {value}")
+
+
+def _plain(value):
+    """JSON-safe value: tensors and numpy scalars to Python numbers, NaN/inf to None."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return _plain(value.item())
+    return value
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_plain(payload), indent=1) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of dicts; the columns are the union of their keys in first-seen order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A GitHub-markdown table of rows (floats with 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "-" if not math.isfinite(value) else f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

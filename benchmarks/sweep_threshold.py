@@ -1,0 +1,73 @@
+"""Density and error of s2o against the threshold at long lengths (GPU), plus the structured
+data's attention-mass statistics: a quick look before the full quality benchmark.
+
+    python benchmarks/sweep_threshold.py --lengths 32768 131072 --thresholds 0.001 0.003 0.01 0.03
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import s2o  # noqa: E402
+from benchmarks.attention_speed import reference_rows, sample_rows  # noqa: E402
+from benchmarks.common import print_header, run_header, write_json  # noqa: E402
+from s2o import S2OConfig, data  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03])
+    parser.add_argument("--orderings", nargs="+", default=["kv_head"])
+    parser.add_argument("--out", type=Path, default=Path("results/sweep"))
+    args = parser.parse_args()
+    header = run_header("cuda")
+    print_header(header)
+    rows = []
+    for n in args.lengths:
+        q, k, v = data.structured_qkv(n, dtype=torch.bfloat16, device="cuda")
+        shares = data.attention_mass_stats(q, k).cpu()
+        kinds = [p.kind for p in data.head_profiles(q.shape[1])]
+        for kind in sorted(set(kinds)):
+            sel = torch.tensor([x == kind for x in kinds])
+            top = [round(float(v), 3) for v in shares[sel].mean(0)]
+            print(f"# {n}: {kind:>9} heads, mass in top 1/3/10% of keys: {top}")
+        sampled = sample_rows(n)
+        ref = reference_rows(q, k, v, sampled)
+        for ordering in args.orderings:
+            for threshold in args.thresholds:
+                config = S2OConfig(threshold=threshold, ordering=ordering, strict=True)
+                out, stats = s2o.attention(
+                    q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
+                )
+                err = out[:, :, sampled].float() - ref
+                row = dict(
+                    length=n,
+                    ordering=ordering,
+                    threshold=threshold,
+                    density=stats.density,
+                    rel_err=float(err.norm() / ref.norm()),
+                    mse=float(err.pow(2).mean()),
+                    ms=sum(stats.time_ms.values()),
+                )
+                rows.append(row)
+                print(
+                    " ".join(
+                        f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
+                        for key, val in row.items()
+                    ),
+                    flush=True,
+                )
+        del q, k, v
+        torch.cuda.empty_cache()
+    write_json(args.out / "sweep_threshold.json", {"header": header, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
