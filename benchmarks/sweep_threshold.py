@@ -2,6 +2,7 @@
 data's attention-mass statistics: a quick look before the full quality benchmark.
 
     python benchmarks/sweep_threshold.py --lengths 32768 131072 --thresholds 0.001 0.003 0.01 0.03
+    python benchmarks/sweep_threshold.py --variants "" "patience=2" "segment_size=128,block_m=32"
 """
 
 from __future__ import annotations
@@ -20,11 +21,29 @@ from benchmarks.common import print_header, run_header, write_json  # noqa: E402
 from s2o import S2OConfig, data  # noqa: E402
 
 
+def parse_variant(text: str) -> dict:
+    """'patience=2,ordering=query_head' -> {'patience': 2, 'ordering': 'query_head'}."""
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        name, value = item.split("=")
+        overrides[name] = (
+            value
+            if not value.lstrip("-").replace(".", "").isdigit()
+            else (float(value) if "." in value else int(value))
+        )
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03])
-    parser.add_argument("--orderings", nargs="+", default=["kv_head"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[""],
+        help="S2OConfig overrides per variant, e.g. 'patience=2,ordering=query_head'",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/sweep"))
     args = parser.parse_args()
     header = run_header("cuda")
@@ -40,16 +59,17 @@ def main() -> None:
             print(f"# {n}: {kind:>9} heads, mass in top 1/3/10% of keys: {top}")
         sampled = sample_rows(n)
         ref = reference_rows(q, k, v, sampled)
-        for ordering in args.orderings:
+        for variant in args.variants:
             for threshold in args.thresholds:
-                config = S2OConfig(threshold=threshold, ordering=ordering, strict=True)
+                overrides = parse_variant(variant)
+                config = S2OConfig(threshold=threshold, strict=True, **overrides)
                 out, stats = s2o.attention(
                     q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
                 )
                 err = out[:, :, sampled].float() - ref
                 row = dict(
                     length=n,
-                    ordering=ordering,
+                    variant=variant or "default",
                     threshold=threshold,
                     density=stats.density,
                     rel_err=float(err.norm() / ref.norm()),

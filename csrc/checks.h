@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "message.h"
 #include "s2o/layout.h"
 
 namespace s2o {
@@ -19,15 +20,15 @@ inline bool is_supported_float(at::ScalarType t) {
 }
 
 inline void check_float_tensor(const at::Tensor& t, const char* name, bool allow_fp32) {
-  TORCH_CHECK(t.defined(), name, " is undefined");
-  TORCH_CHECK(is_supported_float(t.scalar_type()) && (allow_fp32 || t.scalar_type() != at::kFloat),
+  S2O_CHECK(t.defined(), name, " is undefined");
+  S2O_CHECK(is_supported_float(t.scalar_type()) && (allow_fp32 || t.scalar_type() != at::kFloat),
               name, " must be ", allow_fp32 ? "float32, bfloat16 or float16" : "bfloat16 or float16",
               " on ", t.device().type(), ", got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                               const char* b_name) {
-  TORCH_CHECK(a.device() == b.device(), a_name, " and ", b_name,
+  S2O_CHECK(a.device() == b.device(), a_name, " and ", b_name,
               " must be on the same device, got ", a.device(), " and ", b.device());
 }
 
@@ -37,31 +38,31 @@ inline void check_query_key(const at::Tensor& query, const at::Tensor& key, bool
   check_float_tensor(query, "query", allow_fp32);
   check_float_tensor(key, "key", allow_fp32);
   check_same_device(query, "query", key, "key");
-  TORCH_CHECK(query.dim() == 4, "query must have shape [B, Hq, Nq, D], got ", query.sizes());
-  TORCH_CHECK(key.dim() == 4, "key must have shape [B, Hkv, Nk, D], got ", key.sizes());
-  TORCH_CHECK(key.scalar_type() == query.scalar_type(), "key dtype ", key.scalar_type(),
+  S2O_CHECK(query.dim() == 4, "query must have shape [B, Hq, Nq, D], got ", query.sizes());
+  S2O_CHECK(key.dim() == 4, "key must have shape [B, Hkv, Nk, D], got ", key.sizes());
+  S2O_CHECK(key.scalar_type() == query.scalar_type(), "key dtype ", key.scalar_type(),
               " differs from query dtype ", query.scalar_type());
-  TORCH_CHECK(key.size(0) == query.size(0), "key batch size ", key.size(0),
+  S2O_CHECK(key.size(0) == query.size(0), "key batch size ", key.size(0),
               " differs from query batch size ", query.size(0));
-  TORCH_CHECK(key.size(3) == query.size(3), "key head dim ", key.size(3),
+  S2O_CHECK(key.size(3) == query.size(3), "key head dim ", key.size(3),
               " differs from query head dim ", query.size(3));
-  TORCH_CHECK(query.size(1) >= 1 && key.size(1) >= 1, "query and key need at least one head, got ",
+  S2O_CHECK(query.size(1) >= 1 && key.size(1) >= 1, "query and key need at least one head, got ",
               query.size(1), " and ", key.size(1));
-  TORCH_CHECK(query.size(1) % key.size(1) == 0, "query heads (", query.size(1),
+  S2O_CHECK(query.size(1) % key.size(1) == 0, "query heads (", query.size(1),
               ") must be a multiple of key heads (", key.size(1), ")");
-  TORCH_CHECK(query.size(2) >= 1, "query needs at least one row (Nq >= 1), got ", query.size(2));
-  TORCH_CHECK(key.size(2) >= 1, "key needs at least one row (Nk >= 1), got ", key.size(2));
-  TORCH_CHECK(query.size(3) >= 1 && query.size(3) <= kMaxHeadDimCpu, "query head dim must be in [1, ",
+  S2O_CHECK(query.size(2) >= 1, "query needs at least one row (Nq >= 1), got ", query.size(2));
+  S2O_CHECK(key.size(2) >= 1, "key needs at least one row (Nk >= 1), got ", key.size(2));
+  S2O_CHECK(query.size(3) >= 1 && query.size(3) <= kMaxHeadDimCpu, "query head dim must be in [1, ",
               kMaxHeadDimCpu, "], got ", query.size(3));
 }
 
 inline void check_value(const at::Tensor& value, const at::Tensor& query, const at::Tensor& key) {
-  TORCH_CHECK(value.defined(), "value is undefined");
+  S2O_CHECK(value.defined(), "value is undefined");
   check_same_device(query, "query", value, "value");
-  TORCH_CHECK(value.dim() == 4, "value must have shape [B, Hkv, Nk, D], got ", value.sizes());
-  TORCH_CHECK(value.scalar_type() == query.scalar_type(), "value dtype ", value.scalar_type(),
+  S2O_CHECK(value.dim() == 4, "value must have shape [B, Hkv, Nk, D], got ", value.sizes());
+  S2O_CHECK(value.scalar_type() == query.scalar_type(), "value dtype ", value.scalar_type(),
               " differs from query dtype ", query.scalar_type());
-  TORCH_CHECK(value.sizes() == key.sizes(), "value shape ", value.sizes(), " differs from key shape ",
+  S2O_CHECK(value.sizes() == key.sizes(), "value shape ", value.sizes(), " differs from key shape ",
               key.sizes(), " (s2o needs the same head count, length and head dim for key and value)");
 }
 
@@ -69,47 +70,62 @@ inline void check_value(const at::Tensor& value, const at::Tensor& query, const 
 // causal, SDPA's is_causal) up to Nk - Nq (bottom-right causal, queries at the end of the keys).
 inline SegmentLayout check_layout(int64_t num_queries, int64_t num_keys, int64_t segment_size,
                                   int64_t q_offset, bool is_causal) {
-  TORCH_CHECK(segment_size > 0, "segment_size must be positive, got ", segment_size);
-  TORCH_CHECK(num_keys <= INT32_MAX, "s2o indexes keys with int32, so Nk must be < 2^31, got ",
+  S2O_CHECK(segment_size > 0, "segment_size must be positive, got ", segment_size);
+  S2O_CHECK(num_keys <= INT32_MAX, "s2o indexes keys with int32, so Nk must be < 2^31, got ",
               num_keys);
   const int64_t max_offset = num_keys > num_queries ? num_keys - num_queries : 0;
-  TORCH_CHECK(q_offset >= 0 && q_offset <= max_offset, "q_offset must be in [0, ", max_offset,
+  S2O_CHECK(q_offset >= 0 && q_offset <= max_offset, "q_offset must be in [0, ", max_offset,
               "] (0: top-left causal alignment, Nk - Nq: bottom-right) for Nq=", num_queries,
               " and Nk=", num_keys, ", got ", q_offset);
   return SegmentLayout{num_queries, num_keys, segment_size, q_offset, is_causal};
 }
 
 inline void check_rank_bits(int64_t rank_bits) {
-  TORCH_CHECK(rank_bits >= 1 && rank_bits <= 32, "rank_bits must be in [1, 32], got ", rank_bits);
+  S2O_CHECK(rank_bits >= 1 && rank_bits <= 32, "rank_bits must be in [1, 32], got ", rank_bits);
 }
 
 inline void check_attention_knobs(int64_t segment_size, int64_t block_m, int64_t block_n,
                                   double threshold, int64_t patience) {
-  TORCH_CHECK(block_m > 0, "block_m must be positive, got ", block_m);
-  TORCH_CHECK(block_n > 0, "block_n must be positive, got ", block_n);
-  TORCH_CHECK(segment_size % block_m == 0, "segment_size (", segment_size,
+  S2O_CHECK(block_m > 0, "block_m must be positive, got ", block_m);
+  S2O_CHECK(block_n > 0, "block_n must be positive, got ", block_n);
+  S2O_CHECK(segment_size % block_m == 0, "segment_size (", segment_size,
               ") must be a multiple of block_m (", block_m, ") so that no query tile straddles two segments");
-  TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold must be finite and >= 0, got ",
+  S2O_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold must be finite and >= 0, got ",
               threshold);
-  TORCH_CHECK(patience >= 1, "patience must be >= 1, got ", patience);
+  S2O_CHECK(patience >= 1, "patience must be >= 1, got ", patience);
 }
 
 // indices [B, H_ord, total_history] int32, from permute_indices.
 inline void check_indices(const at::Tensor& indices, const at::Tensor& query, int64_t ordering_heads,
                           const SegmentLayout& layout) {
-  TORCH_CHECK(indices.defined(), "indices is undefined");
+  S2O_CHECK(indices.defined(), "indices is undefined");
   check_same_device(query, "query", indices, "indices");
-  TORCH_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
+  S2O_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
   const int64_t total = layout.total_history();
-  TORCH_CHECK(indices.dim() == 3 && indices.size(0) == query.size(0) &&
+  S2O_CHECK(indices.dim() == 3 && indices.size(0) == query.size(0) &&
                   indices.size(1) == ordering_heads && indices.size(2) == total,
               "indices must have shape [B, ordering heads, total history] = [", query.size(0), ", ",
               ordering_heads, ", ", total, "] for these shapes and parameters, got ", indices.sizes());
 }
 
+// Work units of sparse_attention: the query heads that stop together. With group_units the G
+// heads of a KV group (which then must share one ranking per KV head), else each query head.
+struct UnitLayout {
+  int64_t unit_heads;  // query heads per unit
+  int64_t units;       // units per batch entry: Hq / unit_heads
+};
+
+inline UnitLayout check_units(int64_t q_heads, int64_t kv_heads, bool order_per_kv_head,
+                              bool group_units) {
+  S2O_CHECK(!group_units || order_per_kv_head,
+              "group_units needs order_per_kv_head (the heads of a unit share one ranking)");
+  const int64_t unit_heads = group_units ? q_heads / kv_heads : 1;
+  return UnitLayout{unit_heads, q_heads / unit_heads};
+}
+
 inline double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
-  TORCH_CHECK(std::isfinite(s), "scale must be finite, got ", s);
+  S2O_CHECK(std::isfinite(s), "scale must be finite, got ", s);
   return s;
 }
 

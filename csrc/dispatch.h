@@ -5,6 +5,8 @@
 
 #include <torch/types.h>
 
+#include "message.h"
+
 // CPU kernels: float32, bfloat16, float16 (arithmetic in float32 either way).
 #define S2O_DISPATCH_CPU_FLOAT(DTYPE, NAME, ...)                                   \
   [&] {                                                                            \
@@ -22,7 +24,7 @@
         return __VA_ARGS__();                                                      \
       }                                                                            \
       default:                                                                     \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                    \
+        S2O_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                    \
                     " (float32, bfloat16 and float16 are supported on the CPU)");  \
     }                                                                              \
   }()

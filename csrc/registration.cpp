@@ -25,13 +25,14 @@ TORCH_LIBRARY(s2o, m) {
   m.def(
       "permute_indices(Tensor scores, int num_queries, int num_keys, int segment_size, int q_offset, "
       "bool is_causal, int rank_bits=32) -> Tensor");
-  // Early-stopping sparse attention: per query tile, the local keys densely with the causal mask,
-  // then the history in tiles of block_n keys taken from `indices` in order, stopping once
+  // Early-stopping sparse attention: per work unit (block_m query rows of one query head, or of
+  // the G heads of a KV group together when group_units), the local keys densely with the causal
+  // mask, then the history in tiles of block_n keys taken from `indices` in order, stopping once
   // max_row(tile mass / row mass) < threshold for `patience` tiles in a row. Returns (out
-  // [B, Hq, Nq, D] in query's dtype, lse [B, Hq, Nq] fp32, tile_counts [B, H_ord, ceil(Nq /
-  // block_m)] int32).
+  // [B, Hq, Nq, D] in query's dtype, lse [B, Hq, Nq] fp32, tile_counts [B, H_unit, ceil(Nq /
+  // block_m)] int32 with H_unit = Hkv when group_units else Hq).
   m.def(
       "sparse_attention(Tensor query, Tensor key, Tensor value, Tensor indices, int segment_size, "
-      "int q_offset, bool is_causal, bool order_per_kv_head, int block_m, int block_n, "
-      "float threshold, int patience=1, float? scale=None) -> (Tensor, Tensor, Tensor)");
+      "int q_offset, bool is_causal, bool order_per_kv_head, bool group_units, int block_m, "
+      "int block_n, float threshold, int patience=1, float? scale=None) -> (Tensor, Tensor, Tensor)");
 }

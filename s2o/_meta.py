@@ -41,6 +41,7 @@ def _sparse_attention_fake(
     q_offset,
     is_causal,
     order_per_kv_head,
+    group_units,
     block_m,
     block_n,
     threshold,
@@ -48,8 +49,8 @@ def _sparse_attention_fake(
     scale=None,
 ):
     batch, q_heads, num_queries, _ = query.shape
-    heads = _ordering_heads(query, key, order_per_kv_head)
+    units = key.shape[1] if group_units else q_heads
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     lse = query.new_empty((batch, q_heads, num_queries), dtype=torch.float32)
-    counts = query.new_empty((batch, heads, ceil_div(num_queries, block_m)), dtype=torch.int32)
+    counts = query.new_empty((batch, units, ceil_div(num_queries, block_m)), dtype=torch.int32)
     return out, lse, counts

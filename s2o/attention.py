@@ -249,6 +249,7 @@ def attention(
             q_offset,
             is_causal,
             per_kv,
+            config.group_units,
             block_m,
             config.block_n,
             config.threshold,

@@ -63,7 +63,8 @@ def sparse_attention(
     q_offset: int = 0,
     is_causal: bool = True,
     order_per_kv_head: bool = True,
-    block_m: int = 64,
+    group_units: bool = False,
+    block_m: int = 128,
     block_n: int = 64,
     threshold: float = 0.0,
     patience: int = 1,
@@ -71,14 +72,16 @@ def sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Early-stopping sparse attention over ranked history tiles.
 
-    Per query tile of ``block_m`` rows: the local keys (from the segment's first position to each
+    A work unit is a query tile of ``block_m`` rows of one query head, or with ``group_units``
+    of the G query heads of a KV group together (they share every K/V tile and stop together;
+    needs ``order_per_kv_head``). It reads the ranked list of its KV head (``order_per_kv_head``)
+    or of its query head. Per unit: the local keys (from the segment's first position to each
     row's own) densely with the causal mask, then the history in tiles of ``block_n`` keys taken
     from ``indices`` in order, stopping once ``max_row(tile mass / row mass) < threshold`` for
-    ``patience`` tiles in a row. With ``order_per_kv_head`` the G query heads of a group form one
-    unit and stop together. ``threshold=0`` visits every key: dense attention.
+    ``patience`` tiles in a row. ``threshold=0`` visits every key: dense attention.
 
-    Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32, tile_counts [B, H_ord, ceil(Nq/block_m)]
-    int32)``.
+    Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32, tile_counts [B, H_unit,
+    ceil(Nq/block_m)] int32)``, ``H_unit = Hkv`` with ``group_units`` else ``Hq``.
     """
     return torch.ops.s2o.sparse_attention(
         query,
@@ -89,6 +92,7 @@ def sparse_attention(
         q_offset,
         is_causal,
         order_per_kv_head,
+        group_units,
         block_m,
         block_n,
         threshold,

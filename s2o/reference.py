@@ -117,8 +117,8 @@ def permute_indices(
 class SparseResult:
     out: torch.Tensor  # [B, Hq, Nq, D] fp32
     lse: torch.Tensor  # [B, Hq, Nq] fp32
-    tile_counts: torch.Tensor  # [B, H_ord, num_query_tiles] int32
-    # [B, H_ord, num_query_tiles]: smallest |max_ratio / threshold - 1| over the unit's stop
+    tile_counts: torch.Tensor  # [B, H_unit, num_query_tiles] int32
+    # [B, H_unit, num_query_tiles]: smallest |max_ratio / threshold - 1| over the unit's stop
     # decisions (inf when threshold is 0). A unit whose margin is tiny may stop one tile earlier or
     # later in another implementation because of rounding.
     decision_margin: torch.Tensor
@@ -166,7 +166,8 @@ def sparse_attention(
     q_offset: int = 0,
     is_causal: bool = True,
     order_per_kv_head: bool = True,
-    block_m: int = 64,
+    group_units: bool = False,
+    block_m: int = 128,
     block_n: int = 64,
     threshold: float = 0.0,
     patience: int = 1,
@@ -178,21 +179,24 @@ def sparse_attention(
     group = q_heads // kv_heads
     layout = SegmentLayout(num_queries, num_keys, segment_size, q_offset, is_causal)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    ordering_heads = kv_heads if order_per_kv_head else q_heads
-    unit_heads = group if order_per_kv_head else 1
+    if group_units and not order_per_kv_head:
+        raise ValueError("group_units needs order_per_kv_head")
+    unit_heads = group if group_units else 1
+    units = q_heads // unit_heads
     num_tiles = ceil_div(num_queries, block_m)
     q, k, v = query.float(), key.float(), value.float()
 
     dev = query.device
     out = torch.zeros(batch, q_heads, num_queries, head_dim, device=dev)
     lse = torch.zeros(batch, q_heads, num_queries, device=dev)
-    counts = torch.zeros(batch, ordering_heads, num_tiles, dtype=torch.int32)
-    margins = torch.full((batch, ordering_heads, num_tiles), math.inf)
+    counts = torch.zeros(batch, units, num_tiles, dtype=torch.int32)
+    margins = torch.full((batch, units, num_tiles), math.inf)
 
     for b in range(batch):
-        for h in range(ordering_heads):
-            heads = list(range(h * group, (h + 1) * group)) if order_per_kv_head else [h]
-            kv_head = h if order_per_kv_head else h // group
+        for h in range(units):
+            heads = list(range(h * unit_heads, (h + 1) * unit_heads))
+            kv_head = heads[0] // group
+            list_head = kv_head if order_per_kv_head else heads[0]
             keys, values = k[b, kv_head], v[b, kv_head]
             for t in range(num_tiles):
                 rows = range(t * block_m, min((t + 1) * block_m, num_queries))
@@ -210,7 +214,7 @@ def sparse_attention(
                         tiles += 1
                 history = layout.history_length(segment)
                 offset = layout.history_offset(segment)
-                ranked = indices[b, h, offset : offset + history].long()
+                ranked = indices[b, list_head, offset : offset + history].long()
                 quiet = 0
                 for t0 in range(0, history, block_n):
                     max_ratio = unit.fold(keys, values, ranked[t0 : t0 + block_n], masked=False)

@@ -103,7 +103,14 @@ def make_qkv(case: Case, dtype=torch.float32, device="cpu", contiguous=True, pea
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-def run_pipeline(case: Case, q, k, v, *, order_per_kv_head=True, threshold=0.0, patience=1):
+# (order_per_kv_head, group_units): one ranking per KV head with the G heads of a group as one
+# unit, one ranking per KV head with a unit per query head, one ranking per query head.
+MODES = {"kvgroup": (True, True), "kvhead": (True, False), "qhead": (False, False)}
+
+
+def run_pipeline(
+    case: Case, q, k, v, *, order_per_kv_head=True, group_units=False, threshold=0.0, patience=1
+):
     """The three ops in sequence; returns (scores, indices, (out, lse, tile_counts))."""
     _, scores = s2o.estimate_importance(
         q,
@@ -130,6 +137,7 @@ def run_pipeline(case: Case, q, k, v, *, order_per_kv_head=True, threshold=0.0, 
         q_offset=case.q_offset,
         is_causal=case.is_causal,
         order_per_kv_head=order_per_kv_head,
+        group_units=group_units,
         block_m=case.block_m,
         block_n=case.block_n,
         threshold=threshold,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import s2o
 from s2o import S2OConfig, data, reference
 
-from .conftest import Case, make_qkv, run_pipeline
+from .conftest import MODES, Case, make_qkv, run_pipeline
 
 pytestmark = pytest.mark.cuda
 
@@ -81,17 +81,17 @@ def test_permute_indices_special_values_on_cuda():
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("order_per_kv_head", [True, False], ids=["kvhead", "qhead"])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("threshold", [0.0, 0.02])
-def test_sparse_attention_matches_cpu(case, dtype, order_per_kv_head, threshold):
-    if case.q_heads // case.kv_heads * case.block_m > 128 and order_per_kv_head:
+def test_sparse_attention_matches_cpu(case, dtype, mode, threshold):
+    order_per_kv_head, group_units = MODES[mode]
+    if group_units and case.q_heads // case.kv_heads * case.block_m > 128:
         pytest.skip("unit larger than the CUDA kernel's 128 rows")
     (q, k, v), (qc, kc, vc) = _pair(case, dtype, contiguous=case.batch == 1)
-    scores, indices, (out, lse, counts) = run_pipeline(
-        case, q, k, v, order_per_kv_head=order_per_kv_head, threshold=threshold
-    )
+    modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
+    scores, indices, (out, lse, counts) = run_pipeline(case, q, k, v, threshold=threshold, **modes)
     _, indices_c, (out_c, lse_c, counts_c) = run_pipeline(
-        case, qc, kc, vc, order_per_kv_head=order_per_kv_head, threshold=threshold
+        case, qc, kc, vc, threshold=threshold, **modes
     )
     assert torch.equal(indices_c.cpu(), indices)
     ref = reference.sparse_attention(
@@ -102,10 +102,10 @@ def test_sparse_attention_matches_cpu(case, dtype, order_per_kv_head, threshold)
         segment_size=case.segment_size,
         q_offset=case.q_offset,
         is_causal=case.is_causal,
-        order_per_kv_head=order_per_kv_head,
         block_m=case.block_m,
         block_n=case.block_n,
         threshold=threshold,
+        **modes,
     )
     clear = ref.decision_margin > DECISION_MARGIN
     assert clear.float().mean() > 0.9
@@ -196,7 +196,7 @@ def test_nan_key_reaches_the_rows_that_attend_to_it():
 def test_cuda_input_errors():
     q = torch.randn(1, 4, 100, 32, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 100, 32, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="unsupported head dim"):
+    with pytest.raises(RuntimeError, match="head dim must be 64 or 128"):
         s2o.estimate_importance(q, k, segment_size=32)
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
         s2o.estimate_importance(q.float(), k.float(), segment_size=32)
@@ -210,7 +210,7 @@ def test_cuda_input_errors():
     _, (q, k, v) = _pair(big, torch.bfloat16)
     _, indices, _ = run_pipeline(Case(1, 16, 1, 100, 100, 64, 32, 2, 64), q, k, v)
     with pytest.raises(RuntimeError, match="at most 128 rows"):
-        s2o.sparse_attention(q, k, v, indices, block_n=64, **kwargs)
+        s2o.sparse_attention(q, k, v, indices, block_n=64, group_units=True, **kwargs)
 
 
 def test_head_chunking_gives_the_same_result():

@@ -128,10 +128,18 @@ def test_bad_indices():
         _attend(q, k, v, indices=indices[..., 1:])
     with pytest.raises(RuntimeError, match="indices must have shape"):
         _attend(q, k, v, indices=indices, order_per_kv_head=False)  # per-KV-head indices
+
     bad = indices.clone()
     bad[0, 0, -1] = 10_000
     with pytest.raises(RuntimeError, match="outside its segment's history"):
         _attend(q, k, v, indices=bad, threshold=0.0)
+
+
+def test_group_units_need_per_kv_head_ordering():
+    q, k, v = _qkv()
+    indices = _indices(q, k, order_per_kv_head=False)
+    with pytest.raises(RuntimeError, match="group_units needs order_per_kv_head"):
+        _attend(q, k, v, indices=indices, order_per_kv_head=False, group_units=True)
 
 
 def test_bad_permute_arguments():
@@ -171,6 +179,7 @@ CONFIG_CASES = {
     "threshold": (dict(threshold=-1.0), "threshold must be finite"),
     "rank_bits": (dict(rank_bits=40), "rank_bits must be in"),
     "patience": (dict(patience=0), "patience must be >= 1"),
+    "group_units": (dict(ordering="query_head", group_units=True), "group_units needs"),
 }
 
 

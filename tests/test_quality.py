@@ -174,7 +174,7 @@ def _small_run(tmp_path):
         "--q-heads", "8",
         "--kv-heads", "2",
         "--head-dim", "64",
-        "--thresholds", "0", "0.003", "0.01", "0.03", "0.1",
+        "--thresholds", "0", "0.003", "0.01", "0.03", "0.1", "0.3",
         "--ablation-length", "1024",
         "--ablation-thresholds", "0.01", "0.1",
         "--map-length", "512",

@@ -37,7 +37,20 @@ def _op_args(case, device):
     return {
         "estimate_importance": (q, k, *layout, True),
         "permute_indices": (scores, case.num_queries, case.num_keys, *layout, 32),
-        "sparse_attention": (q, k, v, indices, *layout, True, case.block_m, 64, 0.02, 1, None),
+        "sparse_attention": (
+            q,
+            k,
+            v,
+            indices,
+            *layout,
+            True,
+            True,
+            case.block_m,
+            64,
+            0.02,
+            1,
+            None,
+        ),
     }
 
 

@@ -8,17 +8,16 @@ from s2o import data, reference
 from s2o.attention import dense_tiles
 from s2o.layout import SegmentLayout
 
-from .conftest import CPU_CASES, TOLERANCES, Case, make_qkv, run_pipeline
+from .conftest import CPU_CASES, MODES, TOLERANCES, Case, make_qkv, run_pipeline
 
 # Near-threshold decisions may go either way between implementations: tile counts are compared
 # only for units whose every stop decision was farther than this (relative) from the threshold.
 DECISION_MARGIN = 1e-3
 
 
-def assert_matches_reference(
-    case, q, k, v, indices, result, *, order_per_kv_head, threshold, patience=1
-):
+def assert_matches_reference(case, q, k, v, indices, result, *, mode, threshold, patience=1):
     out, lse, counts = result
+    order_per_kv_head, group_units = MODES[mode]
     ref = reference.sparse_attention(
         q,
         k,
@@ -28,6 +27,7 @@ def assert_matches_reference(
         q_offset=case.q_offset,
         is_causal=case.is_causal,
         order_per_kv_head=order_per_kv_head,
+        group_units=group_units,
         block_m=case.block_m,
         block_n=case.block_n,
         threshold=threshold,
@@ -47,16 +47,21 @@ def assert_matches_reference(
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("order_per_kv_head", [True, False], ids=["kvhead", "qhead"])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("threshold", [0.0, 0.02])
-def test_matches_reference(case, order_per_kv_head, threshold):
+def test_matches_reference(case, mode, threshold):
     q, k, v = make_qkv(case, peaky=True)
+    order_per_kv_head, group_units = MODES[mode]
     _, indices, result = run_pipeline(
-        case, q, k, v, order_per_kv_head=order_per_kv_head, threshold=threshold
+        case,
+        q,
+        k,
+        v,
+        order_per_kv_head=order_per_kv_head,
+        group_units=group_units,
+        threshold=threshold,
     )
-    assert_matches_reference(
-        case, q, k, v, indices, result, order_per_kv_head=order_per_kv_head, threshold=threshold
-    )
+    assert_matches_reference(case, q, k, v, indices, result, mode=mode, threshold=threshold)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -65,7 +70,7 @@ def test_matches_reference(case, order_per_kv_head, threshold):
 def test_low_precision_and_strided_inputs(case, dtype, contiguous):
     q, k, v = make_qkv(case, dtype, contiguous=contiguous, peaky=True)
     _, indices, result = run_pipeline(case, q, k, v, threshold=0.02)
-    assert_matches_reference(case, q, k, v, indices, result, order_per_kv_head=True, threshold=0.02)
+    assert_matches_reference(case, q, k, v, indices, result, mode="kvhead", threshold=0.02)
 
 
 def test_early_stopping_triggers_in_the_grid():
@@ -73,11 +78,10 @@ def test_early_stopping_triggers_in_the_grid():
     # stop early at threshold 0.02.
     case = CPU_CASES[1]
     q, k, v = make_qkv(case, peaky=True)
-    for order_per_kv_head in (True, False):
-        _, _, (_, _, stopped) = run_pipeline(
-            case, q, k, v, threshold=0.02, order_per_kv_head=order_per_kv_head
-        )
-        _, _, (_, _, full) = run_pipeline(case, q, k, v, order_per_kv_head=order_per_kv_head)
+    for order_per_kv_head, group_units in MODES.values():
+        modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
+        _, _, (_, _, stopped) = run_pipeline(case, q, k, v, threshold=0.02, **modes)
+        _, _, (_, _, full) = run_pipeline(case, q, k, v, **modes)
         long_history = full > full.min() + 1
         assert (stopped <= full).all()
         assert (stopped < full)[long_history].float().mean() > 0.5
@@ -94,10 +98,13 @@ def _sdpa_reference(case, q, k, v):
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("order_per_kv_head", [True, False], ids=["kvhead", "qhead"])
-def test_threshold_zero_equals_sdpa(case, dtype, order_per_kv_head):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_threshold_zero_equals_sdpa(case, dtype, mode):
     q, k, v = make_qkv(case, dtype)
-    _, _, (out, lse, counts) = run_pipeline(case, q, k, v, order_per_kv_head=order_per_kv_head)
+    order_per_kv_head, group_units = MODES[mode]
+    _, _, (out, lse, counts) = run_pipeline(
+        case, q, k, v, order_per_kv_head=order_per_kv_head, group_units=group_units
+    )
     expected = _sdpa_reference(case, q.float(), k.float(), v.float())
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
@@ -126,9 +133,9 @@ STRUCTURED = Case(1, 8, 2, 4096, 4096, 64, 256, 32, 64)
 
 
 def test_early_stopping_on_structured_data():
-    """Stated bound: on the structured data at 4K (8 query heads, 2 KV heads), threshold 0.03
-    computes at most 60% of the dense tiles with a relative L2 error of the output below 5%
-    (measured: 42-47% of the tiles, 1.8-2.2% error over seeds 3 and 4)."""
+    """Stated bound: on the structured data at 4K (8 query heads, 2 KV heads, one unit per query
+    head of 32 rows), threshold 0.03 computes at most 40% of the dense tiles with a relative L2
+    error of the output below 8% (measured: 25-30% of the tiles, 5.1-5.6% error over seeds 3, 4)."""
     case = STRUCTURED
     q, k, v = data.structured_qkv(
         case.num_keys,
@@ -143,12 +150,12 @@ def test_early_stopping_on_structured_data():
     dense, _ = reference.dense_attention(q, k, v)
     layout = SegmentLayout(case.num_queries, case.num_keys, case.segment_size)
     density = counts.sum().item() / (
-        dense_tiles(layout, case.block_m, case.block_n) * case.kv_heads
+        dense_tiles(layout, case.block_m, case.block_n) * counts.shape[1]
     )
     rel_error = ((out - dense).norm() / dense.norm()).item()
     assert (counts <= full).all()
-    assert density < 0.6
-    assert rel_error < 0.05
+    assert density < 0.4
+    assert rel_error < 0.08
 
 
 def test_patience_visits_more_and_is_more_accurate():
@@ -173,7 +180,7 @@ def test_patience_matches_reference():
     q, k, v = make_qkv(case, peaky=True)
     _, indices, result = run_pipeline(case, q, k, v, threshold=0.05, patience=2)
     assert_matches_reference(
-        case, q, k, v, indices, result, order_per_kv_head=True, threshold=0.05, patience=2
+        case, q, k, v, indices, result, mode="kvhead", threshold=0.05, patience=2
     )
 
 

@@ -1,7 +1,7 @@
 // CPU kernel of s2o::sparse_attention: the readable specification the CUDA kernel is tested
-// against. One work unit is one query tile of block_m rows of one segment, for the query heads
-// that share an ordering: all G heads of a KV group when order_per_kv_head (their rows stop
-// together), else one query head. Per unit:
+// against. One work unit is one query tile of block_m rows of one segment, for one query head,
+// or for all G heads of a KV group when group_units (their rows stop together). A unit reads the
+// ranked list of its KV head (order_per_kv_head) or of its query head. Per unit:
 //   Pass 1 (causal only): the local keys [segment start, last row's position], densely, in tiles of
 //     block_n keys starting at the segment start, masked by each row's own position.
 //   Pass 2: the history in tiles of block_n keys taken from the ranked list in order, gathered by
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "message.h"
 #include "dispatch.h"
 #include "s2o/layout.h"
 
@@ -32,7 +33,9 @@ constexpr int64_t kAccCols = 32;   // head-dim columns per register block (four 
 struct AttentionShape {
   SegmentLayout layout;
   int64_t batch, q_heads, kv_heads, head_dim, group;
-  int64_t ordering_heads, unit_heads;  // H_ord; query heads per unit (G or 1)
+  int64_t ordering_heads;  // H_ord: ranked lists per batch entry
+  int64_t unit_heads;      // query heads per work unit (G with group_units, else 1)
+  int64_t units;           // work units per batch entry and query tile: Hq / unit_heads
   int64_t block_m, block_n, num_q_tiles;
   float threshold, scale;
   int64_t patience;
@@ -194,17 +197,18 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
   int32_t* counts = tile_counts.mutable_data_ptr<int32_t>();
   const int64_t D = shape.head_dim, bm = shape.block_m, bn = shape.block_n;
   const int64_t rows = shape.unit_heads * bm, total = layout.total_history();
-  const int64_t num_units = shape.batch * shape.ordering_heads * shape.num_q_tiles;
+  const int64_t num_units = shape.batch * shape.units * shape.num_q_tiles;
 
   at::parallel_for(0, num_units, 1, [&](int64_t begin, int64_t end) {
     UnitState st(rows, D, bn);
     std::vector<int64_t> key_pos(bn);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t tile = unit % shape.num_q_tiles;
-      const int64_t h = (unit / shape.num_q_tiles) % shape.ordering_heads;
-      const int64_t b = unit / (shape.num_q_tiles * shape.ordering_heads);
-      const int64_t first_head = shape.order_per_kv_head ? h * shape.group : h;
-      const int64_t kv_head = shape.order_per_kv_head ? h : h / shape.group;
+      const int64_t h = (unit / shape.num_q_tiles) % shape.units;
+      const int64_t b = unit / (shape.num_q_tiles * shape.units);
+      const int64_t first_head = h * shape.unit_heads;
+      const int64_t kv_head = first_head / shape.group;
+      const int64_t list_head = shape.order_per_kv_head ? kv_head : first_head;
       const int64_t row_begin = tile * bm;
       const int64_t row_end = std::min(row_begin + bm, layout.num_queries);
       const int64_t segment = row_begin / layout.segment_size;
@@ -234,13 +238,14 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
       }
       // Pass 2: the ranked history, early-stopped.
       const int64_t history = layout.history_length(segment);
-      const int32_t* ranked = idx + (b * shape.ordering_heads + h) * total + layout.history_offset(segment);
+      const int32_t* ranked =
+          idx + (b * shape.ordering_heads + list_head) * total + layout.history_offset(segment);
       int64_t quiet_tiles = 0;
       for (int64_t t0 = 0; t0 < history; t0 += bn) {
         const int64_t n = std::min(bn, history - t0);
         for (int64_t j = 0; j < n; ++j) {
           const int64_t key_index = ranked[t0 + j];
-          TORCH_CHECK(key_index >= 0 && key_index < history, "indices: entry ", key_index,
+          S2O_CHECK(key_index >= 0 && key_index < history, "indices: entry ", key_index,
                       " is outside its segment's history [0, ", history, ")");
           key_pos[j] = key_index;
         }
@@ -267,8 +272,8 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
-    bool order_per_kv_head, int64_t block_m, int64_t block_n, double threshold, int64_t patience,
-    std::optional<double> scale) {
+    bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
+    int64_t patience, std::optional<double> scale) {
   check_query_key(query, key, /*allow_fp32=*/true);
   check_value(value, query, key);
   check_attention_knobs(segment_size, block_m, block_n, threshold, patience);
@@ -280,7 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
   shape.group = shape.q_heads / shape.kv_heads;
   shape.order_per_kv_head = order_per_kv_head;
   shape.ordering_heads = order_per_kv_head ? shape.kv_heads : shape.q_heads;
-  shape.unit_heads = order_per_kv_head ? shape.group : 1;
+  const UnitLayout units = check_units(shape.q_heads, shape.kv_heads, order_per_kv_head, group_units);
+  shape.unit_heads = units.unit_heads;
+  shape.units = units.units;
   shape.block_m = block_m;
   shape.block_n = block_n;
   shape.num_q_tiles = ceil_div(shape.layout.num_queries, block_m);
@@ -292,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
   at::Tensor out = at::empty(query.sizes(), query.options());
   at::Tensor lse = at::empty({shape.batch, shape.q_heads, shape.layout.num_queries},
                              query.options().dtype(at::kFloat));
-  at::Tensor tile_counts = at::empty({shape.batch, shape.ordering_heads, shape.num_q_tiles},
+  at::Tensor tile_counts = at::empty({shape.batch, shape.units, shape.num_q_tiles},
                                      query.options().dtype(at::kInt));
   const at::Tensor indices_c = indices.contiguous();
   S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "sparse_attention", [&] {

@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <torch/types.h>
 
+#include "message.h"
+
 // Runs the lambda with `Element` bound to the CUDA type of DTYPE (bfloat16 or float16).
 #define S2O_DISPATCH_CUDA_ELEMENT(DTYPE, NAME, ...)                                     \
   [&] {                                                                                 \
@@ -18,7 +20,7 @@
         return __VA_ARGS__();                                                           \
       }                                                                                 \
       default:                                                                          \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                         \
+        S2O_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                         \
                     " (the CUDA kernels take bfloat16 and float16)");                   \
     }                                                                                   \
   }()
@@ -36,7 +38,7 @@
         return __VA_ARGS__();                                                           \
       }                                                                                 \
       default:                                                                          \
-        TORCH_CHECK(false, NAME, ": unsupported head dim ", HEAD_DIM,                   \
+        S2O_CHECK(false, NAME, ": unsupported head dim ", HEAD_DIM,                   \
                     " (the CUDA kernels take 64 and 128)");                             \
     }                                                                                   \
   }()

@@ -3,6 +3,8 @@
 
 #include <torch/types.h>
 
+#include "message.h"
+
 #include "s2o/params.h"
 
 namespace s2o {
@@ -20,7 +22,13 @@ inline TensorStrides strides_of(const at::Tensor& t) {  // t: [B, H, N, D], stri
 }
 
 inline void check_cuda_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  S2O_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+// The head dims the CUDA kernels are built for (see cuda_dispatch.h).
+inline void check_cuda_head_dim(int64_t head_dim) {
+  S2O_CHECK(head_dim == 64 || head_dim == 128, "query head dim must be 64 or 128 on CUDA, got ",
+              head_dim);
 }
 
 }  // namespace s2o

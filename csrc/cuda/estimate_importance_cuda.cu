@@ -18,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& qu
                                                             bool is_causal, bool order_per_kv_head) {
   check_query_key(query_in, key_in, /*allow_fp32=*/false);
   check_cuda_tensor(query_in, "query");
+  check_cuda_head_dim(query_in.size(3));
   const SegmentLayout layout =
       check_layout(query_in.size(2), key_in.size(2), segment_size, q_offset, is_causal);
   const c10::cuda::CUDAGuard guard(query_in.device());
@@ -53,13 +54,10 @@ std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& qu
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (layout.total_history() == 0) return;
       using Tile = HistoryScoresTile;
-      const int smem = Tile::smem_bytes(kHeadDim);
-      auto kernel = history_scores_kernel<Element, kHeadDim>;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       const dim3 grid(unsigned(ceil_div(layout.num_keys, Tile::kKeys)),
                       unsigned(ceil_div(layout.num_segments(), Tile::kSegments)),
                       unsigned(p.batch * p.ordering_heads));
-      kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
+      history_scores_kernel<Element, kHeadDim><<<grid, Tile::kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "message.h"
 #include "cuda_dispatch.h"
 #include "cuda_utils.h"
 #include "sparse_attention_launch.h"
@@ -17,21 +18,24 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
     const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
-    bool order_per_kv_head, int64_t block_m, int64_t block_n, double threshold, int64_t patience,
-    std::optional<double> scale) {
+    bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
+    int64_t patience, std::optional<double> scale) {
   check_query_key(query_in, key_in, /*allow_fp32=*/false);
   check_value(value_in, query_in, key_in);
   check_cuda_tensor(query_in, "query");
+  check_cuda_head_dim(query_in.size(3));
   check_attention_knobs(segment_size, block_m, block_n, threshold, patience);
   const SegmentLayout layout =
       check_layout(query_in.size(2), key_in.size(2), segment_size, q_offset, is_causal);
   const int64_t group = query_in.size(1) / key_in.size(1);
   const int64_t ordering_heads = order_per_kv_head ? key_in.size(1) : query_in.size(1);
   check_indices(indices, query_in, ordering_heads, layout);
-  TORCH_CHECK(block_n == kCudaBlockN, "the CUDA kernel takes block_n=", kCudaBlockN, ", got ",
+  S2O_CHECK(block_n == kCudaBlockN, "the CUDA kernel takes block_n=", kCudaBlockN, ", got ",
               block_n);
-  const int64_t unit_heads = order_per_kv_head ? group : 1;
-  TORCH_CHECK(unit_heads * block_m <= kCudaMaxUnitRows, "the CUDA kernel takes work units of at most ",
+  const UnitLayout units = check_units(query_in.size(1), key_in.size(1), order_per_kv_head,
+                                       group_units);
+  const int64_t unit_heads = units.unit_heads;
+  S2O_CHECK(unit_heads * block_m <= kCudaMaxUnitRows, "the CUDA kernel takes work units of at most ",
               kCudaMaxUnitRows, " rows: block_m (", block_m, ") x query heads per unit (", unit_heads,
               ") = ", unit_heads * block_m);
   const int64_t head_dim = query_in.size(3);
@@ -46,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
   p.group = int(group);
   p.ordering_heads = int(ordering_heads);
   p.unit_heads = int(unit_heads);
+  p.units = int(units.units);
   p.block_m = int(block_m);
   p.num_q_tiles = int(ceil_div(layout.num_queries, block_m));
   p.layout = layout;
@@ -64,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
   at::Tensor out = at::empty(query.sizes(), query.options());
   at::Tensor lse = at::empty({p.batch, p.q_heads, layout.num_queries}, query.options().dtype(at::kFloat));
   at::Tensor tile_counts =
-      at::empty({p.batch, p.ordering_heads, p.num_q_tiles}, query.options().dtype(at::kInt));
+      at::empty({p.batch, p.units, p.num_q_tiles}, query.options().dtype(at::kInt));
   p.out = out.data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   p.tile_counts = tile_counts.mutable_data_ptr<int32_t>();

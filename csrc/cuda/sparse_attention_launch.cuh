@@ -14,7 +14,7 @@ void launch_sparse_attention(const SparseAttentionParams& p, cudaStream_t stream
   auto kernel = sparse_attention_kernel<Traits>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Traits::kSmemBytes));
-  const dim3 grid(unsigned(p.num_q_tiles), unsigned(p.ordering_heads), unsigned(p.batch));
+  const dim3 grid(unsigned(p.num_q_tiles), unsigned(p.units), unsigned(p.batch));
   kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

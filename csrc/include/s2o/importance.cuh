@@ -40,70 +40,98 @@ __global__ void segment_means_kernel(const __grid_constant__ EstimateImportanceP
 }
 
 struct HistoryScoresTile {
-  static constexpr int kSegments = 64;  // segments per block
-  static constexpr int kKeys = 64;      // keys per block
-  static constexpr int kThreads = 256;  // each thread: 4 segments x 4 keys
-  static constexpr int kPad = 4;        // keeps float4 alignment, spreads transposed stores
+  static constexpr int kSegments = 128;  // segments per block
+  static constexpr int kKeys = 128;      // keys per block
+  static constexpr int kDimStep = 16;    // head dims staged in shared memory at a time
+  static constexpr int kThreads = 256;   // 16 x 16 threads, each 8 segments x 8 keys
+  static constexpr int kPad = 4;         // keeps float4 alignment of the transposed rows
   static constexpr int kStride = kSegments + kPad;
-  static int smem_bytes(int head_dim) { return 2 * head_dim * kStride * int(sizeof(float)); }
+  static_assert(kKeys == kSegments, "one row stride for both staged tiles");
+  static constexpr int kSmemBytes = 2 * kDimStep * kStride * int(sizeof(float));
 };
 
-// Scores of a 64-key tile against 64 segments' representatives. Blocks whose keys lie beyond all
-// their segments' histories exit at once (the history is a triangle).
+// Scores of a 128-key tile against 128 segments' representatives, as a register-tiled SGEMM:
+// each thread owns 8 segments x 8 keys (two groups of 4 sixty-four apart, so that a warp's
+// shared loads hit distinct banks) and accumulates over d in order, one fma per d. Blocks whose
+// keys lie beyond all their segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(HistoryScoresTile::kThreads)
     history_scores_kernel(const __grid_constant__ EstimateImportanceParams p) {
   using Tile = HistoryScoresTile;
+  constexpr int kStep = Tile::kDimStep, kStride = Tile::kStride;
+  static_assert(kHeadDim % kStep == 0, "whole dimension steps");
   const SegmentLayout& layout = p.layout;
   const int64_t num_segments = layout.num_segments();
-  const int64_t key_begin = int64_t(blockIdx.x) * Tile::kKeys;
   const int64_t seg_begin = int64_t(blockIdx.y) * Tile::kSegments;
   const int64_t seg_last = min(seg_begin + Tile::kSegments, num_segments) - 1;
+  const int64_t key_begin = int64_t(blockIdx.x) * Tile::kKeys;
   if (key_begin >= layout.history_length(seg_last)) return;  // history grows with the segment
   const int bh = blockIdx.z, b = bh / p.ordering_heads, h = bh % p.ordering_heads;
   const int kv_head = p.order_per_kv_head ? h : h / p.group;
 
-  extern __shared__ __align__(16) float smem_scores[];
-  float* s_rep = smem_scores;                       // [kHeadDim][kStride]: representatives
-  float* s_key = smem_scores + kHeadDim * Tile::kStride;  // [kHeadDim][kStride]: keys
+  __shared__ __align__(16) float s_rep[kStep * kStride];  // [d][segment]
+  __shared__ __align__(16) float s_key[kStep * kStride];  // [d][key]
   const int tid = threadIdx.x;
   const float* reps = p.representatives + (int64_t(bh) * num_segments + seg_begin) * kHeadDim;
   const Element* keys = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
                         kv_head * p.k_strides.head;
-  for (int e = tid; e < Tile::kSegments * kHeadDim; e += Tile::kThreads) {
-    const int s = e / kHeadDim, d = e % kHeadDim;
-    s_rep[d * Tile::kStride + s] = seg_begin + s < num_segments ? reps[e] : 0.0f;
-  }
-  for (int e = tid; e < Tile::kKeys * kHeadDim; e += Tile::kThreads) {
-    const int j = e / kHeadDim, d = e % kHeadDim;
-    const int64_t key = key_begin + j;
-    s_key[d * Tile::kStride + j] =
-        key < layout.num_keys ? to_float(keys[key * p.k_strides.row + d]) : 0.0f;
-  }
-  __syncthreads();
+  // Staging: consecutive threads take consecutive segments (keys), so transposed stores hit
+  // distinct banks. Keys: one 16-byte load (8 dims) per thread and step.
+  const int stage_row = tid % Tile::kKeys, stage_part = tid / Tile::kKeys;  // part: 0 or 1
+  const int64_t stage_key = key_begin + stage_row;
+  const bool key_valid = stage_key < layout.num_keys;
+  const bool seg_valid = seg_begin + stage_row < num_segments;
+  const Element* key_row = keys + (key_valid ? stage_key : 0) * p.k_strides.row;
+  const float* rep_row = reps + stage_row * kHeadDim;
 
   const int key0 = (tid % 16) * 4, seg0 = (tid / 16) * 4;
-  float acc[4][4] = {};
+  float acc[8][8] = {};
+  for (int d0 = 0; d0 < kHeadDim; d0 += kStep) {
+    __syncthreads();  // the previous step's tiles are no longer read
+    {
+      uint4 raw = make_uint4(0, 0, 0, 0);
+      if (key_valid) raw = *reinterpret_cast<const uint4*>(key_row + d0 + stage_part * 8);
+      const Element* e = reinterpret_cast<const Element*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s_key[(stage_part * 8 + i) * kStride + stage_row] = to_float(e[i]);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int dd = (stage_part * 2 + q) * 4;
+        float4 r = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (seg_valid) r = *reinterpret_cast<const float4*>(rep_row + d0 + dd);
+        s_rep[(dd + 0) * kStride + stage_row] = r.x;
+        s_rep[(dd + 1) * kStride + stage_row] = r.y;
+        s_rep[(dd + 2) * kStride + stage_row] = r.z;
+        s_rep[(dd + 3) * kStride + stage_row] = r.w;
+      }
+    }
+    __syncthreads();
 #pragma unroll 4
-  for (int d = 0; d < kHeadDim; ++d) {
-    const float4 r = *reinterpret_cast<const float4*>(s_rep + d * Tile::kStride + seg0);
-    const float4 kv = *reinterpret_cast<const float4*>(s_key + d * Tile::kStride + key0);
-    const float rs[4] = {r.x, r.y, r.z, r.w}, ks[4] = {kv.x, kv.y, kv.z, kv.w};
+    for (int d = 0; d < kStep; ++d) {
+      const float* rd = s_rep + d * kStride;
+      const float* kd = s_key + d * kStride;
+      const float4 r_lo = *reinterpret_cast<const float4*>(rd + seg0);
+      const float4 r_hi = *reinterpret_cast<const float4*>(rd + 64 + seg0);
+      const float4 k_lo = *reinterpret_cast<const float4*>(kd + key0);
+      const float4 k_hi = *reinterpret_cast<const float4*>(kd + 64 + key0);
+      const float rs[8] = {r_lo.x, r_lo.y, r_lo.z, r_lo.w, r_hi.x, r_hi.y, r_hi.z, r_hi.w};
+      const float ks[8] = {k_lo.x, k_lo.y, k_lo.z, k_lo.w, k_hi.x, k_hi.y, k_hi.z, k_hi.w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = __fmaf_rn(rs[i], ks[j], acc[i][j]);
+        for (int j = 0; j < 8; ++j) acc[i][j] = __fmaf_rn(rs[i], ks[j], acc[i][j]);
+    }
   }
 
   float* out = p.scores + int64_t(bh) * layout.total_history();
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t s = seg_begin + seg0 + i;
-    if (s >= num_segments) break;
+  for (int i = 0; i < 8; ++i) {
+    const int64_t s = seg_begin + seg0 + (i % 4) + (i / 4) * 64;
+    if (s >= num_segments) continue;
     const int64_t history = layout.history_length(s), offset = layout.history_offset(s);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t key = key_begin + key0 + j;
+    for (int j = 0; j < 8; ++j) {
+      const int64_t key = key_begin + key0 + (j % 4) + (j / 4) * 64;
       if (key < history) out[offset + key] = acc[i][j];
     }
   }

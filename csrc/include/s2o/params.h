@@ -38,13 +38,14 @@ struct SparseAttentionParams {
   const int32_t* indices;   // [B, H_ord, T], contiguous: per segment its history keys, ranked
   void* out;                // [B, Hq, Nq, D], contiguous
   float* lse;               // [B, Hq, Nq], contiguous
-  int32_t* tile_counts;     // [B, H_ord, num_q_tiles], contiguous
+  int32_t* tile_counts;     // [B, units, num_q_tiles], contiguous
   TensorStrides q_strides, k_strides, v_strides;
   SegmentLayout layout;
   int batch, q_heads, kv_heads;
   int group;                // Hq / Hkv
-  int ordering_heads;       // H_ord
-  int unit_heads;           // query heads per work unit: G with order_per_kv_head, else 1
+  int ordering_heads;       // H_ord: ranked lists per batch entry
+  int unit_heads;           // query heads per work unit: G with group_units, else 1
+  int units;                // work units per batch entry and query tile: Hq / unit_heads
   int block_m;              // query rows per head in a work unit
   int num_q_tiles;          // ceil(Nq / block_m)
   float scale_log2;         // softmax scale * log2(e): scores are kept in the log2 domain

@@ -1,8 +1,9 @@
 // The early-stopping sparse attention kernel (sm_80+, mma.sync m16n8k16). Torch-free.
 //
-// One thread block computes one work unit: block_m query rows of one segment for the unit's
-// query heads (all G heads of a KV group with per-KV-head ordering, so they share every K/V tile
-// the block loads), padded to kRows = 64 or 128 rows, 4 warps of 16 or 32 rows. It visits key tiles of kBlockN keys:
+// One thread block computes one work unit: block_m query rows of one segment for one query head,
+// or for all G heads of a KV group (group_units: they share every K/V tile the block loads and
+// stop together), padded to kRows = 64 or 128 rows, 4 warps of 16 or 32 rows. A unit reads the
+// ranked list of its KV head (order_per_kv_head) or of its query head. It visits key tiles of kBlockN keys:
 //   tiles [0, n_local):         the local keys from the segment start, dense, causal mask;
 //   tiles [n_local, n_tiles):   the ranked history, rows gathered through the index list.
 // After each history tile the block stops once no row got at least `threshold` of its softmax
@@ -99,8 +100,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   const SegmentLayout& layout = p.layout;
   const int q_tile = p.num_q_tiles - 1 - blockIdx.x;  // longest histories first
   const int h = blockIdx.y, b = blockIdx.z;
-  const int first_head = p.order_per_kv_head ? h * p.group : h;
-  const int kv_head = p.order_per_kv_head ? h : h / p.group;
+  const int first_head = h * p.unit_heads;
+  const int kv_head = first_head / p.group;
+  const int list_head = p.order_per_kv_head ? kv_head : first_head;
   const int64_t row_begin = int64_t(q_tile) * p.block_m;
   const int64_t row_end = min(row_begin + p.block_m, layout.num_queries);
   const int unit_rows = p.unit_heads * p.block_m;
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   const int64_t history = layout.history_length(segment);
   const int n_tiles = n_local + int(ceil_div(history, kBlockN));
   const int32_t* ranked = p.indices +
-                          (int64_t(b) * p.ordering_heads + h) * layout.total_history() +
+                          (int64_t(b) * p.ordering_heads + list_head) * layout.total_history() +
                           layout.history_offset(segment);
 
   const Element* q = static_cast<const Element*>(p.query) + b * p.q_strides.batch;
@@ -378,7 +380,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   cp_async_wait<0>();
 
   if (tid == 0) {
-    p.tile_counts[(int64_t(b) * p.ordering_heads + h) * p.num_q_tiles + q_tile] = tiles_done;
+    p.tile_counts[(int64_t(b) * p.units + h) * p.num_q_tiles + q_tile] = tiles_done;
   }
   Element* out = static_cast<Element*>(p.out);
 #pragma unroll
