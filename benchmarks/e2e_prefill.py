@@ -105,7 +105,7 @@ TINY = {
 }
 LENGTHS = (32768, 65536, 131072)
 TINY_LENGTHS = (512, 1024)
-CHECK_LENGTH = 8192  # long enough for s2o's sparse path at the default min_keys
+CHECK_LENGTH = 8192  # prompt length of the correctness check
 TINY_CHECK_LENGTH = 256
 # Relative L2 error allowed before timing: last-token logits of a backend vs flash (bf16 through
 # all layers), and s2o's attention output at threshold 0 vs dense SDPA (one bf16 rounding).
@@ -525,7 +525,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def s2o_config(args) -> S2OConfig:
-    config = S2OConfig(strict=True)  # a fallback would be timed as s2o: raise instead
+    # strict: a fallback would be timed as s2o, raise instead; min_keys=0: the sparse path at
+    # every length, also the correctness check's.
+    config = S2OConfig(strict=True, min_keys=0)
     if args.threshold is not None:
         config = dataclasses.replace(config, threshold=args.threshold)
     if args.tiny:
