@@ -49,7 +49,7 @@ import inspect
 import json
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,9 +58,13 @@ import torch.nn.functional as F
 import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from transformers.masking_utils import AttentionMaskInterface
 
 import s2o
+from benchmarks.common import git_revision  # noqa: E402
 from s2o import S2OConfig
 from s2o.data import structured_qkv
 from s2o.integrations import transformers as s2o_hf
@@ -399,24 +403,6 @@ def model_density(model, bench, backend, input_ids) -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def git_revision() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return revision + ("+dirty" if dirty else "")
 
 
 def machine_header(device: torch.device) -> dict:

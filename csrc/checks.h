@@ -84,6 +84,23 @@ inline void check_rank_bits(int64_t rank_bits) {
   S2O_CHECK(rank_bits >= 1 && rank_bits <= 32, "rank_bits must be in [1, 32], got ", rank_bits);
 }
 
+// The arguments of permute_indices; returns the segment layout the scores are laid out in.
+inline SegmentLayout check_permute_args(const at::Tensor& scores, int64_t num_queries,
+                                        int64_t num_keys, int64_t segment_size, int64_t q_offset,
+                                        bool is_causal, int64_t rank_bits) {
+  S2O_CHECK(scores.defined() && scores.scalar_type() == at::kFloat,
+            "scores must be a float32 tensor (from estimate_importance)");
+  S2O_CHECK(num_queries >= 1, "num_queries must be >= 1, got ", num_queries);
+  S2O_CHECK(num_keys >= 1, "num_keys must be >= 1, got ", num_keys);
+  check_rank_bits(rank_bits);
+  const SegmentLayout layout = check_layout(num_queries, num_keys, segment_size, q_offset, is_causal);
+  const int64_t total = layout.total_history();
+  S2O_CHECK(scores.dim() == 3 && scores.size(2) == total,
+            "scores must have shape [B, ordering heads, ", total,
+            "] (the total history for these shapes and parameters), got ", scores.sizes());
+  return layout;
+}
+
 inline void check_attention_knobs(int64_t segment_size, int64_t block_m, int64_t block_n,
                                   double threshold, int64_t patience) {
   S2O_CHECK(block_m > 0, "block_m must be positive, got ", block_m);
@@ -121,6 +138,30 @@ inline UnitLayout check_units(int64_t q_heads, int64_t kv_heads, bool order_per_
               "group_units needs order_per_kv_head (the heads of a unit share one ranking)");
   const int64_t unit_heads = group_units ? q_heads / kv_heads : 1;
   return UnitLayout{unit_heads, q_heads / unit_heads};
+}
+
+// What sparse_attention's checked arguments determine.
+struct SparseAttentionArgs {
+  SegmentLayout layout;
+  UnitLayout units;
+  int64_t ordering_heads;  // ranked lists per batch entry
+};
+
+// The arguments of sparse_attention shared by the CPU and CUDA kernels (each device adds its own).
+inline SparseAttentionArgs check_sparse_attention_args(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
+    bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
+    int64_t patience, bool allow_fp32) {
+  check_query_key(query, key, allow_fp32);
+  check_value(value, query, key);
+  check_attention_knobs(segment_size, block_m, block_n, threshold, patience);
+  SparseAttentionArgs args{
+      check_layout(query.size(2), key.size(2), segment_size, q_offset, is_causal),
+      check_units(query.size(1), key.size(1), order_per_kv_head, group_units),
+      order_per_kv_head ? key.size(1) : query.size(1)};
+  check_indices(indices, query, args.ordering_heads, args.layout);
+  return args;
 }
 
 inline double resolve_scale(std::optional<double> scale, int64_t head_dim) {

@@ -18,16 +18,9 @@ namespace {
 at::Tensor permute_indices_cpu(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
                                int64_t segment_size, int64_t q_offset, bool is_causal,
                                int64_t rank_bits) {
-  S2O_CHECK(scores.defined() && scores.scalar_type() == at::kFloat,
-              "scores must be a float32 tensor (from estimate_importance)");
-  S2O_CHECK(num_queries >= 1, "num_queries must be >= 1, got ", num_queries);
-  S2O_CHECK(num_keys >= 1, "num_keys must be >= 1, got ", num_keys);
-  check_rank_bits(rank_bits);
-  const SegmentLayout layout = check_layout(num_queries, num_keys, segment_size, q_offset, is_causal);
+  const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
+                                                  q_offset, is_causal, rank_bits);
   const int64_t total = layout.total_history();
-  S2O_CHECK(scores.dim() == 3 && scores.size(2) == total,
-              "scores must have shape [B, ordering heads, ", total,
-              "] (the total history for these shapes and parameters), got ", scores.sizes());
 
   const at::Tensor scores_c = scores.contiguous();
   at::Tensor indices = at::empty(scores.sizes(), scores.options().dtype(at::kInt));

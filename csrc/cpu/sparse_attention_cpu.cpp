@@ -274,27 +274,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
     int64_t patience, std::optional<double> scale) {
-  check_query_key(query, key, /*allow_fp32=*/true);
-  check_value(value, query, key);
-  check_attention_knobs(segment_size, block_m, block_n, threshold, patience);
-  AttentionShape shape{check_layout(query.size(2), key.size(2), segment_size, q_offset, is_causal)};
+  const SparseAttentionArgs args = check_sparse_attention_args(
+      query, key, value, indices, segment_size, q_offset, is_causal, order_per_kv_head,
+      group_units, block_m, block_n, threshold, patience, /*allow_fp32=*/true);
+  AttentionShape shape{args.layout};
   shape.batch = query.size(0);
   shape.q_heads = query.size(1);
   shape.kv_heads = key.size(1);
   shape.head_dim = query.size(3);
   shape.group = shape.q_heads / shape.kv_heads;
   shape.order_per_kv_head = order_per_kv_head;
-  shape.ordering_heads = order_per_kv_head ? shape.kv_heads : shape.q_heads;
-  const UnitLayout units = check_units(shape.q_heads, shape.kv_heads, order_per_kv_head, group_units);
-  shape.unit_heads = units.unit_heads;
-  shape.units = units.units;
+  shape.ordering_heads = args.ordering_heads;
+  shape.unit_heads = args.units.unit_heads;
+  shape.units = args.units.units;
   shape.block_m = block_m;
   shape.block_n = block_n;
   shape.num_q_tiles = ceil_div(shape.layout.num_queries, block_m);
   shape.threshold = static_cast<float>(threshold);
   shape.patience = patience;
   shape.scale = static_cast<float>(resolve_scale(scale, shape.head_dim));
-  check_indices(indices, query, shape.ordering_heads, shape.layout);
 
   at::Tensor out = at::empty(query.sizes(), query.options());
   at::Tensor lse = at::empty({shape.batch, shape.q_heads, shape.layout.num_queries},

@@ -20,24 +20,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
     int64_t patience, std::optional<double> scale) {
-  check_query_key(query_in, key_in, /*allow_fp32=*/false);
-  check_value(value_in, query_in, key_in);
+  const SparseAttentionArgs args = check_sparse_attention_args(
+      query_in, key_in, value_in, indices, segment_size, q_offset, is_causal, order_per_kv_head,
+      group_units, block_m, block_n, threshold, patience, /*allow_fp32=*/false);
   check_cuda_tensor(query_in, "query");
   check_cuda_head_dim(query_in.size(3));
-  check_attention_knobs(segment_size, block_m, block_n, threshold, patience);
-  const SegmentLayout layout =
-      check_layout(query_in.size(2), key_in.size(2), segment_size, q_offset, is_causal);
-  const int64_t group = query_in.size(1) / key_in.size(1);
-  const int64_t ordering_heads = order_per_kv_head ? key_in.size(1) : query_in.size(1);
-  check_indices(indices, query_in, ordering_heads, layout);
   S2O_CHECK(block_n == kCudaBlockN, "the CUDA kernel takes block_n=", kCudaBlockN, ", got ",
-              block_n);
-  const UnitLayout units = check_units(query_in.size(1), key_in.size(1), order_per_kv_head,
-                                       group_units);
-  const int64_t unit_heads = units.unit_heads;
+            block_n);
+  const int64_t unit_heads = args.units.unit_heads;
   S2O_CHECK(unit_heads * block_m <= kCudaMaxUnitRows, "the CUDA kernel takes work units of at most ",
-              kCudaMaxUnitRows, " rows: block_m (", block_m, ") x query heads per unit (", unit_heads,
-              ") = ", unit_heads * block_m);
+            kCudaMaxUnitRows, " rows: block_m (", block_m, ") x query heads per unit (", unit_heads,
+            ") = ", unit_heads * block_m);
+  const SegmentLayout& layout = args.layout;
+  const int64_t group = query_in.size(1) / key_in.size(1);
   const int64_t head_dim = query_in.size(3);
 
   const c10::cuda::CUDAGuard guard(query_in.device());
@@ -48,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
   p.q_heads = int(query.size(1));
   p.kv_heads = int(key.size(1));
   p.group = int(group);
-  p.ordering_heads = int(ordering_heads);
+  p.ordering_heads = int(args.ordering_heads);
   p.unit_heads = int(unit_heads);
-  p.units = int(units.units);
+  p.units = int(args.units.units);
   p.block_m = int(block_m);
   p.num_q_tiles = int(ceil_div(layout.num_queries, block_m));
   p.layout = layout;
