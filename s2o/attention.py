@@ -137,7 +137,8 @@ class _StageClock:
 
 
 # Scratch bytes per history entry of one ordering head while ranking: the fp32 score, two radix
-# sort keys of up to 8 bytes, the key index being sorted and the ranked index.
+# sort keys (2 or 4 bytes each; counted as 8, headroom for CUB's temporary storage), the key index
+# being sorted and the ranked index.
 _RANKING_BYTES_PER_ENTRY = 4 + 2 * 8 + 4 + 4
 
 

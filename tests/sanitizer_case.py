@@ -8,11 +8,13 @@ Exits non-zero if a CUDA result differs from the CPU kernels'.
 
 import torch
 
-from .conftest import Case, make_qkv, run_pipeline
+from .conftest import MODES, Case, make_qkv, run_pipeline
 
+# Each case runs in every unit mode whose units fit the CUDA kernel (at most 128 rows).
 CASES = [
     Case(1, 4, 4, 150, 150, 64, 64, 16, 64),  # 16-row units -> 64-row blocks
-    Case(1, 8, 2, 140, 170, 128, 64, 32, 64, q_offset=30),  # 128-row blocks, bottom-right
+    Case(1, 8, 2, 140, 170, 128, 128, 128, 64, q_offset=30),  # 128-row units, bottom-right
+    Case(1, 8, 2, 140, 170, 128, 64, 32, 64),  # grouped: 4 heads x 32 rows -> 128-row blocks
     Case(1, 4, 2, 100, 90, 128, 32, 32, 64, is_causal=False),
 ]
 
@@ -20,16 +22,25 @@ CASES = [
 def main() -> None:
     torch.manual_seed(0)
     for case in CASES:
-        for dtype in (torch.bfloat16, torch.float16):
-            q, k, v = make_qkv(case, dtype, contiguous=False, peaky=True)
-            _, indices, (out, _, counts) = run_pipeline(case, q, k, v, threshold=0.02)
-            qc, kc, vc = (t.cuda() for t in (q, k, v))
-            _, indices_c, (out_c, _, counts_c) = run_pipeline(case, qc, kc, vc, threshold=0.02)
-            torch.cuda.synchronize()
-            assert torch.equal(indices_c.cpu(), indices), case
-            assert (counts_c.cpu() == counts).float().mean() > 0.9, case
-            assert (out_c.cpu().float() - out.float()).abs().max() < 0.1, case
+        for order_per_kv_head, group_units in MODES.values():
+            group = case.q_heads // case.kv_heads
+            if group_units and group * case.block_m > 128:
+                continue
+            modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
+            check(case, modes)
     print("sanitizer case: all kernel variants ran and agree with the CPU")
+
+
+def check(case: Case, modes: dict) -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = make_qkv(case, dtype, contiguous=False, peaky=True)
+        _, indices, (out, _, counts) = run_pipeline(case, q, k, v, threshold=0.02, **modes)
+        qc, kc, vc = (t.cuda() for t in (q, k, v))
+        _, indices_c, (out_c, _, counts_c) = run_pipeline(case, qc, kc, vc, threshold=0.02, **modes)
+        torch.cuda.synchronize()
+        assert torch.equal(indices_c.cpu(), indices), (case, modes)
+        assert (counts_c.cpu() == counts).float().mean() > 0.9, (case, modes)
+        assert (out_c.cpu().float() - out.float()).abs().max() < 0.1, (case, modes)
 
 
 if __name__ == "__main__":
