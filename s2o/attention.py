@@ -136,10 +136,14 @@ class _StageClock:
         self.last = now
 
 
-# Scratch bytes per history entry of one ordering head while ranking: the fp32 score, two radix
-# sort keys (2 or 4 bytes each; counted as 8, headroom for CUB's temporary storage), the key index
-# being sorted and the ranked index.
-_RANKING_BYTES_PER_ENTRY = 4 + 2 * 8 + 4 + 4
+# Scratch bytes per history entry of one ordering head while ranking: the fp32 score and the
+# ranked index; above 12 rank bits the CUDA radix sort adds two sort keys (2 or 4 bytes each;
+# counted as 8, headroom for CUB's temporary storage) and the key index being sorted.
+_COUNTING_RANK_BITS = 12
+
+
+def _ranking_bytes_per_entry(rank_bits: int) -> int:
+    return 4 + 4 if rank_bits <= _COUNTING_RANK_BITS else 4 + 2 * 8 + 4 + 4
 
 
 def _kv_head_chunks(
@@ -148,7 +152,8 @@ def _kv_head_chunks(
     """KV-head ranges [begin, end) to process one after the other: as many KV heads per chunk as
     keep the ranking scratch (``ordering_per_kv`` ordering heads per KV head) within
     ``config.workspace_bytes``; at least one."""
-    per_kv_head = batch * ordering_per_kv * layout.total_history * _RANKING_BYTES_PER_ENTRY
+    entry_bytes = _ranking_bytes_per_entry(config.rank_bits)
+    per_kv_head = batch * ordering_per_kv * layout.total_history * entry_bytes
     per_chunk = max(1, min(kv_heads, config.workspace_bytes // max(1, per_kv_head)))
     return [(h, min(h + per_chunk, kv_heads)) for h in range(0, kv_heads, per_chunk)]
 

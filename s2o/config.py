@@ -29,7 +29,8 @@ class S2OConfig:
         group_units: with ``"kv_head"`` ordering, the G query heads of a group form one work unit
             that loads each K/V tile once for all of them and stops together (the loudest head
             decides for all); False: every query head stops on its own.
-        rank_bits: bits of the score's order-preserving key used for ranking (32: exact order).
+        rank_bits: bits of the score's order-preserving key used for ranking (32: exact order;
+            up to 12: one-pass counting sort on the GPU, no sort buffers).
         causal_alignment: where queries sit when ``is_causal`` and Nq < Nk: ``"top_left"``
             (SDPA's is_causal: query i at position i) or ``"bottom_right"`` (queries are the last Nq
             positions: chunked prefill with a KV cache).

@@ -109,7 +109,16 @@ MODES = {"kvgroup": (True, True), "kvhead": (True, False), "qhead": (False, Fals
 
 
 def run_pipeline(
-    case: Case, q, k, v, *, order_per_kv_head=True, group_units=False, threshold=0.0, patience=1
+    case: Case,
+    q,
+    k,
+    v,
+    *,
+    order_per_kv_head=True,
+    group_units=False,
+    threshold=0.0,
+    patience=1,
+    rank_bits=32,
 ):
     """The three ops in sequence; returns (scores, indices, (out, lse, tile_counts))."""
     _, scores = s2o.estimate_importance(
@@ -127,6 +136,7 @@ def run_pipeline(
         segment_size=case.segment_size,
         q_offset=case.q_offset,
         is_causal=case.is_causal,
+        rank_bits=rank_bits,
     )
     result = s2o.sparse_attention(
         q,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import s2o
 from s2o import S2OConfig, data, reference
+from s2o.layout import SegmentLayout
 
 from .conftest import MODES, Case, make_qkv, run_pipeline
 
@@ -54,7 +55,7 @@ def test_estimate_importance_is_bitwise_equal_to_cpu(case, dtype, order_per_kv_h
 
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("rank_bits", [32, 16, 3])
+@pytest.mark.parametrize("rank_bits", [32, 16, 12, 3])  # radix sort above 12 bits, counting below
 def test_permute_indices_is_equal_to_cpu(case, rank_bits):
     (q, k, _), _ = _pair(case, torch.bfloat16)
     _, scores = s2o.estimate_importance(
@@ -72,11 +73,36 @@ def test_permute_indices_is_equal_to_cpu(case, rank_bits):
     assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
 
 
-def test_permute_indices_special_values_on_cuda():
+@pytest.mark.parametrize("rank_bits", [32, 12])
+def test_permute_indices_special_values_on_cuda(rank_bits):
     nan, inf = float("nan"), float("inf")
     scores = torch.tensor([1.0, -0.0, 3.0, 1.0, nan, 0.0, -inf, 3.0]).view(1, 1, 8).cuda()
-    indices = s2o.permute_indices(scores, num_queries=9, num_keys=9, segment_size=8)
+    indices = s2o.permute_indices(
+        scores, num_queries=9, num_keys=9, segment_size=8, rank_bits=rank_bits
+    )
     assert indices[0, 0].tolist() == [4, 2, 7, 0, 3, 1, 5, 6]
+
+
+@pytest.mark.parametrize("rank_bits", [12, 7, 1])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_permute_indices_long_histories_with_ties(rank_bits, is_causal):
+    """Histories long enough that every warp of the counting sort owns many keys, with few
+    distinct scores so that the tie order (lower index first) decides most positions."""
+    layout = dict(
+        num_queries=6000,
+        num_keys=7000,
+        segment_size=512,
+        q_offset=1000,
+        is_causal=is_causal,
+        rank_bits=rank_bits,
+    )
+    total = SegmentLayout(6000, 7000, 512, 1000, is_causal).total_history
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.tensor([-3.0, -0.5, 0.0, 0.25, 0.26, 2.0, 40.0])
+    scores = levels[torch.randint(len(levels), (2, 3, total), generator=generator)]
+    scores += 1e-3 * torch.randn(scores.shape, generator=generator)
+    expected = s2o.permute_indices(scores, **layout)
+    assert torch.equal(s2o.permute_indices(scores.cuda(), **layout).cpu(), expected)
 
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)

@@ -49,21 +49,40 @@ void rank_segments(const at::Tensor& scores, const SegmentLayout& layout, int ra
       rank_bits, stream));
 }
 
+void counting_rank(const at::Tensor& scores, const SegmentLayout& layout, int rank_bits,
+                   at::Tensor& indices) {
+  using C = CountingRank;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(counting_rank_kernel,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  const dim3 grid(unsigned(scores.size(0) * scores.size(1)), unsigned(layout.num_segments()));
+  counting_rank_kernel<<<grid, C::kThreads, C::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(
+      scores.const_data_ptr<float>(), layout, rank_bits, indices.mutable_data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor permute_indices_cuda(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
                                 int64_t segment_size, int64_t q_offset, bool is_causal,
                                 int64_t rank_bits) {
   const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
                                                   q_offset, is_causal, rank_bits);
-  S2O_CHECK(scores.numel() < (int64_t(1) << 31), "permute_indices sorts at most 2^31 - 1 keys in "
-              "one call, got ", scores.numel(), " (rank fewer heads at a time)");
-  S2O_CHECK(scores.size(0) * scores.size(1) * layout.num_segments() < (int64_t(1) << 31),
-              "permute_indices ranks at most 2^31 - 1 segments in one call");
+  const bool counting = rank_bits <= CountingRank::kBits;
+  if (counting) {
+    S2O_CHECK(layout.num_segments() <= 65535, "permute_indices on CUDA ranks at most 65535 "
+                "segments per list, got ", layout.num_segments(), " (use a larger segment_size)");
+  } else {  // CUB's segmented sort takes int offsets
+    S2O_CHECK(scores.numel() < (int64_t(1) << 31), "permute_indices with rank_bits > 12 sorts at "
+                "most 2^31 - 1 keys in one call, got ", scores.numel(), " (rank fewer heads at a time)");
+    S2O_CHECK(scores.size(0) * scores.size(1) <= 65535, "permute_indices with rank_bits > 12 ranks "
+                "at most 65535 (batch x heads) lists in one call, got ", scores.size(0) * scores.size(1));
+  }
 
   const c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor scores_c = scores.contiguous();
   at::Tensor indices = at::empty(scores.sizes(), scores.options().dtype(at::kInt));
   if (scores.numel() == 0) return indices;
-  if (rank_bits <= 16) {  // 16-bit sort keys: half the key traffic, at most two passes
+  if (counting) {
+    counting_rank(scores_c, layout, int(rank_bits), indices);
+  } else if (rank_bits <= 16) {  // 16-bit sort keys: half the key traffic, at most two passes
     rank_segments<uint16_t>(scores_c, layout, int(rank_bits), indices);
   } else {
     rank_segments<uint32_t>(scores_c, layout, int(rank_bits), indices);
