@@ -40,25 +40,26 @@ __global__ void segment_means_kernel(const __grid_constant__ EstimateImportanceP
 }
 
 struct HistoryScoresTile {
-  static constexpr int kSegments = 128;  // segments per block
+  static constexpr int kSegments = 64;   // segments per block (small: the history is a triangle)
   static constexpr int kKeys = 128;      // keys per block
   static constexpr int kDimStep = 16;    // head dims staged in shared memory at a time
-  static constexpr int kThreads = 256;   // 16 x 16 threads, each 8 segments x 8 keys
+  static constexpr int kThreads = 256;   // 16 x 16 threads, each 4 segments x 8 keys
   static constexpr int kPad = 4;         // keeps float4 alignment of the transposed rows
-  static constexpr int kStride = kSegments + kPad;
-  static_assert(kKeys == kSegments, "one row stride for both staged tiles");
-  static constexpr int kSmemBytes = 2 * kDimStep * kStride * int(sizeof(float));
+  static constexpr int kSegStride = kSegments + kPad;
+  static constexpr int kKeyStride = kKeys + kPad;
+  static_assert(kKeys * kDimStep == kThreads * 8, "one 16-byte key load per thread and step");
+  static_assert(kSegments * kDimStep == kThreads * 4, "one float4 representative load per thread");
 };
 
-// Scores of a 128-key tile against 128 segments' representatives, as a register-tiled SGEMM:
-// each thread owns 8 segments x 8 keys (two groups of 4 sixty-four apart, so that a warp's
-// shared loads hit distinct banks) and accumulates over d in order, one fma per d. Blocks whose
-// keys lie beyond all their segments' histories exit (the history is a triangle).
+// Scores of a 128-key tile against 64 segments' representatives, as a register-tiled SGEMM: each
+// thread owns 4 segments x 8 keys (two groups of 4 sixty-four apart, so that a warp's shared loads
+// hit distinct banks) and accumulates over d in order, one fma per d. Blocks whose keys lie beyond
+// all their segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(HistoryScoresTile::kThreads)
     history_scores_kernel(const __grid_constant__ EstimateImportanceParams p) {
   using Tile = HistoryScoresTile;
-  constexpr int kStep = Tile::kDimStep, kStride = Tile::kStride;
+  constexpr int kStep = Tile::kDimStep;
   static_assert(kHeadDim % kStep == 0, "whole dimension steps");
   const SegmentLayout& layout = p.layout;
   const int64_t num_segments = layout.num_segments();
@@ -69,55 +70,57 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads)
   const int bh = blockIdx.z, b = bh / p.ordering_heads, h = bh % p.ordering_heads;
   const int kv_head = p.order_per_kv_head ? h : h / p.group;
 
-  __shared__ __align__(16) float s_rep[kStep * kStride];  // [d][segment]
-  __shared__ __align__(16) float s_key[kStep * kStride];  // [d][key]
+  __shared__ __align__(16) float s_rep[kStep * Tile::kSegStride];  // [d][segment]
+  __shared__ __align__(16) float s_key[kStep * Tile::kKeyStride];  // [d][key]
   const int tid = threadIdx.x;
   const float* reps = p.representatives + (int64_t(bh) * num_segments + seg_begin) * kHeadDim;
   const Element* keys = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
                         kv_head * p.k_strides.head;
-  // Staging: consecutive threads take consecutive segments (keys), so transposed stores hit
-  // distinct banks. Keys: one 16-byte load (8 dims) per thread and step.
-  const int stage_row = tid % Tile::kKeys, stage_part = tid / Tile::kKeys;  // part: 0 or 1
-  const int64_t stage_key = key_begin + stage_row;
+  // Staging: consecutive threads take consecutive keys (segments), so transposed stores hit
+  // distinct banks. Per thread and step: one 16-byte key load (8 dims), one float4 of a
+  // representative (4 dims).
+  const int key_row = tid % Tile::kKeys, key_part = tid / Tile::kKeys;  // part: 0..1
+  const int rep_row = tid % Tile::kSegments, rep_part = tid / Tile::kSegments;  // part: 0..3
+  const int64_t stage_key = key_begin + key_row;
   const bool key_valid = stage_key < layout.num_keys;
-  const bool seg_valid = seg_begin + stage_row < num_segments;
-  const Element* key_row = keys + (key_valid ? stage_key : 0) * p.k_strides.row;
-  const float* rep_row = reps + stage_row * kHeadDim;
+  const bool rep_valid = seg_begin + rep_row < num_segments;
+  const Element* key_src = keys + (key_valid ? stage_key : 0) * p.k_strides.row + key_part * 8;
+  const float* rep_src = reps + rep_row * kHeadDim + rep_part * 4;
+
+  // The next step's keys and representatives are loaded into registers while this step computes.
+  uint4 key_raw;
+  float4 rep_raw;
+  auto load_step = [&](int d0) {
+    key_raw = key_valid ? *reinterpret_cast<const uint4*>(key_src + d0) : make_uint4(0, 0, 0, 0);
+    rep_raw = rep_valid ? *reinterpret_cast<const float4*>(rep_src + d0)
+                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  };
+  load_step(0);
 
   const int key0 = (tid % 16) * 4, seg0 = (tid / 16) * 4;
-  float acc[8][8] = {};
+  float acc[4][8] = {};
+#pragma unroll 1
   for (int d0 = 0; d0 < kHeadDim; d0 += kStep) {
     __syncthreads();  // the previous step's tiles are no longer read
-    {
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      if (key_valid) raw = *reinterpret_cast<const uint4*>(key_row + d0 + stage_part * 8);
-      const Element* e = reinterpret_cast<const Element*>(&raw);
+    const Element* e = reinterpret_cast<const Element*>(&key_raw);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s_key[(stage_part * 8 + i) * kStride + stage_row] = to_float(e[i]);
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int dd = (stage_part * 2 + q) * 4;
-        float4 r = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (seg_valid) r = *reinterpret_cast<const float4*>(rep_row + d0 + dd);
-        s_rep[(dd + 0) * kStride + stage_row] = r.x;
-        s_rep[(dd + 1) * kStride + stage_row] = r.y;
-        s_rep[(dd + 2) * kStride + stage_row] = r.z;
-        s_rep[(dd + 3) * kStride + stage_row] = r.w;
-      }
-    }
+    for (int i = 0; i < 8; ++i) s_key[(key_part * 8 + i) * Tile::kKeyStride + key_row] = to_float(e[i]);
+    s_rep[(rep_part * 4 + 0) * Tile::kSegStride + rep_row] = rep_raw.x;
+    s_rep[(rep_part * 4 + 1) * Tile::kSegStride + rep_row] = rep_raw.y;
+    s_rep[(rep_part * 4 + 2) * Tile::kSegStride + rep_row] = rep_raw.z;
+    s_rep[(rep_part * 4 + 3) * Tile::kSegStride + rep_row] = rep_raw.w;
     __syncthreads();
-#pragma unroll 4
+    if (d0 + kStep < kHeadDim) load_step(d0 + kStep);
+#pragma unroll
     for (int d = 0; d < kStep; ++d) {
-      const float* rd = s_rep + d * kStride;
-      const float* kd = s_key + d * kStride;
-      const float4 r_lo = *reinterpret_cast<const float4*>(rd + seg0);
-      const float4 r_hi = *reinterpret_cast<const float4*>(rd + 64 + seg0);
+      const float4 r = *reinterpret_cast<const float4*>(s_rep + d * Tile::kSegStride + seg0);
+      const float* kd = s_key + d * Tile::kKeyStride;
       const float4 k_lo = *reinterpret_cast<const float4*>(kd + key0);
       const float4 k_hi = *reinterpret_cast<const float4*>(kd + 64 + key0);
-      const float rs[8] = {r_lo.x, r_lo.y, r_lo.z, r_lo.w, r_hi.x, r_hi.y, r_hi.z, r_hi.w};
+      const float rs[4] = {r.x, r.y, r.z, r.w};
       const float ks[8] = {k_lo.x, k_lo.y, k_lo.z, k_lo.w, k_hi.x, k_hi.y, k_hi.z, k_hi.w};
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = __fmaf_rn(rs[i], ks[j], acc[i][j]);
     }
@@ -125,8 +128,8 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads)
 
   float* out = p.scores + int64_t(bh) * layout.total_history();
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int64_t s = seg_begin + seg0 + (i % 4) + (i / 4) * 64;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t s = seg_begin + seg0 + i;
     if (s >= num_segments) continue;
     const int64_t history = layout.history_length(s), offset = layout.history_offset(s);
 #pragma unroll
