@@ -134,29 +134,37 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
                      smem_address(s_index + (u % Traits::kIndexStages) * kBlockN + tid)),
                  "l"(valid ? ranked + slot : ranked), "r"(valid ? 4 : 0));
   };
-  // K and V rows of tile u -> stage u % 2; rows past the tile's end are zero-filled.
+  // K and V rows of tile u -> stage u % 2; rows past the tile's end are zero-filled. Each thread
+  // copies one 16-byte chunk column of rows kv_row0 + i * kRowStep, so its shared-memory offsets
+  // (the swizzle depends on row % 8 only) and global column are fixed: per row only the key's
+  // address changes.
+  constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRowStep % 8 == 0 && kBlockN % kRowStep == 0,
+                "whole rows per pass, one swizzle phase per thread");
+  const int kv_row0 = tid / kChunks, kv_chunk = tid % kChunks;
+  const uint32_t k_dst0 = smem_address(s_k + swizzle<D>(kv_row0, kv_chunk));
+  const uint32_t v_dst0 = smem_address(s_v + swizzle<D>(kv_row0, kv_chunk));
+  const Element* k_col = k + kv_chunk * 8;
+  const Element* v_col = v + kv_chunk * 8;
+  const int64_t k_row_stride = p.k_strides.row, v_row_stride = p.v_strides.row;
+  const uint32_t num_keys = uint32_t(layout.num_keys);
   auto issue_kv = [&](int u) {
     if (u >= n_tiles) return;
-    const int stage = u % 2;
+    const uint32_t stage_bytes = uint32_t((u % 2) * Traits::kTileElements * sizeof(Element));
     const bool local = u < n_local;
     const int64_t tile_begin =
         local ? local_begin + int64_t(u) * kBlockN : int64_t(u - n_local) * kBlockN;
-    const int64_t tile_end = local ? local_end : history;
+    const int tile_rows = int(min(int64_t(kBlockN), (local ? local_end : history) - tile_begin));
     const int32_t* tile_index = s_index + (u % Traits::kIndexStages) * kBlockN;
 #pragma unroll
-    for (int c = tid; c < kBlockN * kChunks; c += kThreads) {
-      const int j = c / kChunks, chunk = c % kChunks;
-      const bool valid = tile_begin + j < tile_end;
-      int64_t key = 0;
-      if (valid) {
-        key = local ? tile_begin + j : tile_index[j];
-        key = min(max(key, int64_t(0)), layout.num_keys - 1);  // memory safety for bad indices
-      }
-      const int offset = stage * Traits::kTileElements + swizzle<D>(j, chunk);
-      cp_async_16(smem_address(s_k + offset), k + key * p.k_strides.row + chunk * 8,
-                  valid ? 16 : 0);
-      cp_async_16(smem_address(s_v + offset), v + key * p.v_strides.row + chunk * 8,
-                  valid ? 16 : 0);
+    for (int i = 0; i < kBlockN / kRowStep; ++i) {
+      const int j = kv_row0 + i * kRowStep;
+      const bool valid = j < tile_rows;
+      uint32_t key = local ? uint32_t(tile_begin + j) : uint32_t(tile_index[j]);
+      key = valid && key < num_keys ? key : 0u;  // also memory safety for bad indices
+      const uint32_t row_bytes = uint32_t(i * kRowStep * D * sizeof(Element)) + stage_bytes;
+      cp_async_16(k_dst0 + row_bytes, k_col + int64_t(key) * k_row_stride, valid ? 16 : 0);
+      cp_async_16(v_dst0 + row_bytes, v_col + int64_t(key) * v_row_stride, valid ? 16 : 0);
     }
   };
 
@@ -216,6 +224,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     row_mass[m][0] = row_mass[m][1] = 0.0f;
   }
   const bool early_stop = p.threshold > 0.0f;
+  const bool positive_scale = p.scale_log2 > 0.0f;
   int quiet_tiles = 0, tiles_done = 0;
 
   for (int t = 0; t < n_tiles; ++t) {
@@ -272,9 +281,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
         }
       }
 
-      // Scale into the log2 domain; mask keys past the tile's end and (local tiles) keys after
-      // the row's position. Full history tiles, the common case, need no mask.
-      if (needs_mask) {
+      // Full history tiles, the common case, keep raw scores and fold the scale into the
+      // exponent's fma below. Tiles that need a mask (keys past the tile's end; on local tiles,
+      // keys after the row's position) are scaled first and masked to -inf, as are all tiles
+      // when the scale is not positive (the max of raw scores would not be the max of scaled).
+      const bool prescale = needs_mask || !positive_scale;
+      const float score_scale = prescale ? 1.0f : p.scale_log2;
+      if (prescale) {
 #pragma unroll
         for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
@@ -292,16 +305,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
             }
           }
         }
-      } else {
-#pragma unroll
-        for (int m = 0; m < kMTiles; ++m)
-#pragma unroll
-          for (int jn = 0; jn < kSubN / 8; ++jn)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[m][jn][e] *= p.scale_log2;
       }
 
-      // Online softmax: new max, rescale, probabilities, mass.
+      // Online softmax in the log2 domain: new max, probabilities 2^(s * score_scale - max) (one
+      // fma each), mass. alpha rescales the earlier mass and output to the new max.
+      float alpha[kMTiles][2];
+      bool max_moved = false;
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
@@ -312,27 +321,36 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
             sub_max = fmaxf(sub_max, fmaxf(s[m][jn][2 * x], s[m][jn][2 * x + 1]));
           sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 1));
           sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 2));
-          const float new_max = fmaxf(row_max[m][x], sub_max);
+          const float new_max = fmaxf(row_max[m][x], sub_max * score_scale);
           const float frame = new_max == kNegInf ? 0.0f : new_max;  // all masked so far
-          const float alpha = fast_exp2(row_max[m][x] - frame);
+          alpha[m][x] = fast_exp2(row_max[m][x] - frame);
+          max_moved |= row_max[m][x] != new_max;
           float gain = 0.0f;
 #pragma unroll
           for (int jn = 0; jn < kSubN / 8; ++jn) {
-            s[m][jn][2 * x] = fast_exp2(s[m][jn][2 * x] - frame);
-            s[m][jn][2 * x + 1] = fast_exp2(s[m][jn][2 * x + 1] - frame);
-            gain += s[m][jn][2 * x] + s[m][jn][2 * x + 1];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& value = s[m][jn][2 * x + e];
+              value = fast_exp2(fmaf(value, score_scale, -frame));
+              gain += value;
+            }
           }
           gain += __shfl_xor_sync(0xffffffff, gain, 1);
           gain += __shfl_xor_sync(0xffffffff, gain, 2);
           row_max[m][x] = new_max;
-          row_mass[m][x] = row_mass[m][x] * alpha + gain;
-          tile_gain[m][x] = tile_gain[m][x] * alpha + gain;
-#pragma unroll
-          for (int dn = 0; dn < D / 8; ++dn) {
-            o[m][dn][2 * x] *= alpha;
-            o[m][dn][2 * x + 1] *= alpha;
-          }
+          row_mass[m][x] = row_mass[m][x] * alpha[m][x] + gain;
+          tile_gain[m][x] = tile_gain[m][x] * alpha[m][x] + gain;
         }
+      }
+      // Visited in falling importance, later tiles rarely raise a row's max: then alpha is
+      // exactly 1 for all of the warp's rows and the output needs no rescaling.
+      if (__any_sync(0xffffffff, max_moved)) {
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+          for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[m][dn][e] *= alpha[m][e / 2];
       }
 
       // O += P V, P from the score registers (the m16n8 accumulator layout is the A layout);
