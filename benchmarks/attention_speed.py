@@ -145,6 +145,8 @@ def run(args) -> list[dict]:
     # The defaults, on every length (min_keys would send short ones to SDPA), and strict: a
     # fallback must never be measured as s2o.
     config = S2OConfig(strict=True, min_keys=0)
+    if args.threshold is not None:
+        config = S2OConfig(**{**config.__dict__, "threshold": args.threshold})
     rows_out = []
     for kind in args.data:
         for n in args.lengths:
@@ -189,7 +191,7 @@ def run(args) -> list[dict]:
                     row["rank_share"] = (times["estimate"] + times["permute"]) / sum(times.values())
                     row["stage_ms"] = {key: round(val, 3) for key, val in times.items()}
                 rows_out.append(row)
-                print(format_row(row), flush=True)
+                print(format_row(row), row.get("stage_ms", ""), flush=True)
             del q, k, v, ref
             torch.cuda.empty_cache()
     return rows_out
@@ -252,10 +254,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=0, help="timed runs (0: by length)")
     parser.add_argument("--flex-max", type=int, default=65536, help="longest length for flex")
+    parser.add_argument("--threshold", type=float, help="s2o row's threshold (default: config's)")
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     args = parser.parse_args()
     header = run_header("cuda")
-    header["config"] = str(S2OConfig())
+    header["config"] = str(
+        S2OConfig(**({} if args.threshold is None else {"threshold": args.threshold}))
+    )
     print_header(header)
     rows = run(args)
     print_summary(rows)
