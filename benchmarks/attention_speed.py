@@ -15,6 +15,7 @@ and the output).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -100,6 +101,11 @@ def flex_causal(n: int):
     return lambda q, k, v: compiled(q, k, v, block_mask=mask, enable_gqa=True)
 
 
+def s2o_config(name: str, config: S2OConfig) -> S2OConfig:
+    """The config of an s2o row: the benchmark's, or it at threshold 0 for ``s2o-exact``."""
+    return dataclasses.replace(config, threshold=0.0) if name == "s2o-exact" else config
+
+
 def method_fn(name: str, n: int, config: S2OConfig):
     if name in ("flash", "cudnn"):
         backend = SDPBackend.FLASH_ATTENTION if name == "flash" else SDPBackend.CUDNN_ATTENTION
@@ -111,7 +117,7 @@ def method_fn(name: str, n: int, config: S2OConfig):
         return sdpa
     if name == "flex":
         return flex_causal(n)
-    cfg = S2OConfig(**{**config.__dict__, "threshold": 0.0}) if name == "s2o-exact" else config
+    cfg = s2o_config(name, config)
     return lambda q, k, v: s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg)
 
 
@@ -141,12 +147,14 @@ def peak_extra_bytes(fn, args) -> int:
     return max(0, extra)
 
 
-def run(args) -> list[dict]:
-    # The defaults, on every length (min_keys would send short ones to SDPA), and strict: a
-    # fallback must never be measured as s2o.
+def benchmark_config(threshold: float | None) -> S2OConfig:
+    """The defaults (or another threshold), on every length (min_keys would send short ones to
+    SDPA), and strict: a fallback must never be measured as s2o."""
     config = S2OConfig(strict=True, min_keys=0)
-    if args.threshold is not None:
-        config = S2OConfig(**{**config.__dict__, "threshold": args.threshold})
+    return config if threshold is None else dataclasses.replace(config, threshold=threshold)
+
+
+def run(args, config: S2OConfig) -> list[dict]:
     rows_out = []
     for kind in args.data:
         for n in args.lengths:
@@ -178,13 +186,14 @@ def run(args) -> list[dict]:
                     peak_extra_gib=peak_extra_bytes(fn, (q, k, v)) / 2**30,
                 )
                 if name.startswith("s2o"):
-                    cfg = (
-                        S2OConfig(**{**config.__dict__, "threshold": 0.0})
-                        if name == "s2o-exact"
-                        else config
-                    )
                     _, stats = s2o.attention(
-                        q, k, v, is_causal=True, enable_gqa=True, config=cfg, return_stats=True
+                        q,
+                        k,
+                        v,
+                        is_causal=True,
+                        enable_gqa=True,
+                        config=s2o_config(name, config),
+                        return_stats=True,
                     )
                     times = stats.time_ms
                     row["density"] = stats.density
@@ -257,12 +266,11 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, help="s2o row's threshold (default: config's)")
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     args = parser.parse_args()
+    config = benchmark_config(args.threshold)
     header = run_header("cuda")
-    header["config"] = str(
-        S2OConfig(**({} if args.threshold is None else {"threshold": args.threshold}))
-    )
+    header["config"] = str(config)
     print_header(header)
-    rows = run(args)
+    rows = run(args, config)
     print_summary(rows)
     write_json(args.out / "attention_speed.json", {"header": header, "rows": rows})
     write_csv(args.out / "attention_speed.csv", rows)

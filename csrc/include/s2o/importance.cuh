@@ -52,8 +52,8 @@ struct HistoryScoresTile {
 };
 
 // Scores of a 128-key tile against 64 segments' representatives, as a register-tiled SGEMM: each
-// thread owns 4 segments x 8 keys (two groups of 4 sixty-four apart, so that a warp's shared loads
-// hit distinct banks) and accumulates over d in order, one fma per d. Blocks whose keys lie beyond
+// thread owns 4 consecutive segments x 8 keys (two groups of 4 keys sixty-four apart, so that a
+// warp's shared loads of keys hit distinct banks) and accumulates over d in order, one fma per d. Blocks whose keys lie beyond
 // all their segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(HistoryScoresTile::kThreads)
