@@ -41,22 +41,23 @@ __global__ void segment_means_kernel(const __grid_constant__ EstimateImportanceP
 
 struct HistoryScoresTile {
   static constexpr int kSegments = 64;   // segments per block (small: the history is a triangle)
-  static constexpr int kKeys = 128;      // keys per block
+  static constexpr int kKeys = 256;      // keys per block
   static constexpr int kDimStep = 16;    // head dims staged in shared memory at a time
-  static constexpr int kThreads = 256;   // 16 x 16 threads, each 4 segments x 8 keys
+  static constexpr int kThreads = 256;   // 8 x 32 threads, each 8 segments x 8 keys
   static constexpr int kPad = 4;         // keeps float4 alignment of the transposed rows
   static constexpr int kSegStride = kSegments + kPad;
   static constexpr int kKeyStride = kKeys + kPad;
-  static_assert(kKeys * kDimStep == kThreads * 8, "one 16-byte key load per thread and step");
+  static_assert(kKeys == kThreads, "each thread stages the dims of one key");
   static_assert(kSegments * kDimStep == kThreads * 4, "one float4 representative load per thread");
 };
 
-// Scores of a 128-key tile against 64 segments' representatives, as a register-tiled SGEMM: each
-// thread owns 4 consecutive segments x 8 keys (two groups of 4 keys sixty-four apart, so that a
-// warp's shared loads of keys hit distinct banks) and accumulates over d in order, one fma per d. Blocks whose keys lie beyond
-// all their segments' histories exit (the history is a triangle).
+// Scores of a 256-key tile against 64 segments' representatives, as a register-tiled SGEMM: each
+// thread owns 8 consecutive segments x 8 keys (two groups of 4 consecutive keys 128 apart, so
+// that a warp's shared loads of keys are 512 contiguous bytes) and accumulates over d in order,
+// one fma per d: four 16-byte shared loads feed 64 fmas. Blocks whose keys lie beyond all their
+// segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(HistoryScoresTile::kThreads)
+__global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
     history_scores_kernel(const __grid_constant__ EstimateImportanceParams p) {
   using Tile = HistoryScoresTile;
   constexpr int kStep = Tile::kDimStep;
@@ -76,35 +77,37 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads)
   const float* reps = p.representatives + (int64_t(bh) * num_segments + seg_begin) * kHeadDim;
   const Element* keys = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
                         kv_head * p.k_strides.head;
-  // Staging: consecutive threads take consecutive keys (segments), so transposed stores hit
-  // distinct banks. Per thread and step: one 16-byte key load (8 dims), one float4 of a
-  // representative (4 dims).
-  const int key_row = tid % Tile::kKeys, key_part = tid / Tile::kKeys;  // part: 0..1
+  // Staging: thread t takes key t's kStep dims (two 16-byte loads) and a float4 of one
+  // representative; consecutive threads take consecutive keys (segments), so the transposed
+  // stores hit distinct banks.
   const int rep_row = tid % Tile::kSegments, rep_part = tid / Tile::kSegments;  // part: 0..3
-  const int64_t stage_key = key_begin + key_row;
+  const int64_t stage_key = key_begin + tid;
   const bool key_valid = stage_key < layout.num_keys;
   const bool rep_valid = seg_begin + rep_row < num_segments;
-  const Element* key_src = keys + (key_valid ? stage_key : 0) * p.k_strides.row + key_part * 8;
+  const Element* key_src = keys + (key_valid ? stage_key : 0) * p.k_strides.row;
   const float* rep_src = reps + rep_row * kHeadDim + rep_part * 4;
 
   // The next step's keys and representatives are loaded into registers while this step computes.
-  uint4 key_raw;
+  uint4 key_raw[2];
   float4 rep_raw;
   auto load_step = [&](int d0) {
-    key_raw = key_valid ? *reinterpret_cast<const uint4*>(key_src + d0) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      key_raw[i] = key_valid ? *reinterpret_cast<const uint4*>(key_src + d0 + i * 8)
+                             : make_uint4(0, 0, 0, 0);
     rep_raw = rep_valid ? *reinterpret_cast<const float4*>(rep_src + d0)
                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   };
   load_step(0);
 
-  const int key0 = (tid % 16) * 4, seg0 = (tid / 16) * 4;
-  float acc[4][8] = {};
+  const int key0 = (tid % 32) * 4, seg0 = (tid / 32) * 8;
+  float acc[8][8] = {};
 #pragma unroll 1
   for (int d0 = 0; d0 < kHeadDim; d0 += kStep) {
     __syncthreads();  // the previous step's tiles are no longer read
-    const Element* e = reinterpret_cast<const Element*>(&key_raw);
+    const Element* e = reinterpret_cast<const Element*>(key_raw);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) s_key[(key_part * 8 + i) * Tile::kKeyStride + key_row] = to_float(e[i]);
+    for (int i = 0; i < kStep; ++i) s_key[i * Tile::kKeyStride + tid] = to_float(e[i]);
     s_rep[(rep_part * 4 + 0) * Tile::kSegStride + rep_row] = rep_raw.x;
     s_rep[(rep_part * 4 + 1) * Tile::kSegStride + rep_row] = rep_raw.y;
     s_rep[(rep_part * 4 + 2) * Tile::kSegStride + rep_row] = rep_raw.z;
@@ -113,29 +116,41 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads)
     if (d0 + kStep < kHeadDim) load_step(d0 + kStep);
 #pragma unroll
     for (int d = 0; d < kStep; ++d) {
-      const float4 r = *reinterpret_cast<const float4*>(s_rep + d * Tile::kSegStride + seg0);
-      const float* kd = s_key + d * Tile::kKeyStride;
-      const float4 k_lo = *reinterpret_cast<const float4*>(kd + key0);
-      const float4 k_hi = *reinterpret_cast<const float4*>(kd + 64 + key0);
-      const float rs[4] = {r.x, r.y, r.z, r.w};
+      const float* rd = s_rep + d * Tile::kSegStride + seg0;
+      const float4 r_lo = *reinterpret_cast<const float4*>(rd);
+      const float4 r_hi = *reinterpret_cast<const float4*>(rd + 4);
+      const float* kd = s_key + d * Tile::kKeyStride + key0;
+      const float4 k_lo = *reinterpret_cast<const float4*>(kd);
+      const float4 k_hi = *reinterpret_cast<const float4*>(kd + 128);
+      const float rs[8] = {r_lo.x, r_lo.y, r_lo.z, r_lo.w, r_hi.x, r_hi.y, r_hi.z, r_hi.w};
       const float ks[8] = {k_lo.x, k_lo.y, k_lo.z, k_lo.w, k_hi.x, k_hi.y, k_hi.z, k_hi.w};
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = __fmaf_rn(rs[i], ks[j], acc[i][j]);
     }
   }
 
+  // Each group of 4 consecutive keys goes out as one 16-byte store where the segment's scores
+  // are aligned and all 4 lie in its history, else key by key.
   float* out = p.scores + int64_t(bh) * layout.total_history();
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 8; ++i) {
     const int64_t s = seg_begin + seg0 + i;
     if (s >= num_segments) continue;
-    const int64_t history = layout.history_length(s), offset = layout.history_offset(s);
+    const int64_t history = layout.history_length(s);
+    float* seg_out = out + layout.history_offset(s);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int64_t key = key_begin + key0 + (j % 4) + (j / 4) * 64;
-      if (key < history) out[offset + key] = acc[i][j];
+    for (int half = 0; half < 2; ++half) {
+      const int64_t key = key_begin + key0 + half * 128;
+      const float* v = acc[i] + half * 4;
+      if (key + 4 <= history && (reinterpret_cast<uintptr_t>(seg_out + key) & 15) == 0) {
+        *reinterpret_cast<float4*>(seg_out + key) = make_float4(v[0], v[1], v[2], v[3]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (key + j < history) seg_out[key + j] = v[j];
+      }
     }
   }
 }
