@@ -8,6 +8,7 @@ never measures the fallback by accident.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,8 +50,9 @@ class S2OStats:
         tile_counts: int32 ``[B, H_ord, num_query_tiles]``, tiles computed per query tile.
         dense_tiles: total tiles dense attention would compute for the same shapes.
         block_m, block_n: the tile sizes used.
-        time_ms: wall time per stage (``estimate``, ``permute``, ``attend``; or ``dense``),
-            measured with device synchronisation, so only when stats are asked for.
+        time_ms: milliseconds per stage (``estimate``, ``permute``, ``attend``; or ``dense``):
+            GPU time between CUDA events on the current stream (wall time on the CPU), measured
+            only when stats are asked for.
     """
 
     path: str
@@ -120,20 +122,35 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, config) -> tuple[s
 
 
 class _StageClock:
-    """Wall time per stage, synchronising the device; only used when stats are asked for."""
+    """Time per stage, only used when stats are asked for. On a GPU: CUDA events recorded on the
+    current stream between the stages, read once at the end (GPU time, no synchronisation between
+    stages, so the stages run as they do without stats). On the CPU: wall time."""
 
     def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.times: dict[str, float] = {}
-        self.sync()
-        self.last = time.perf_counter()
+        self.on_cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list[tuple[str, object]] = [("", self._mark())]
+
+    def _mark(self):
+        if not self.on_cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def lap(self, name: str) -> None:
-        """Adds the time since the last lap to stage `name`."""
-        self.sync()
-        now = time.perf_counter()
-        self.times[name] = self.times.get(name, 0.0) + (now - self.last) * 1e3
-        self.last = now
+        """Ends stage `name` (times of repeated names add up)."""
+        self.marks.append((name, self._mark()))
+
+    @property
+    def times(self) -> dict[str, float]:
+        if self.on_cuda:
+            self.marks[-1][1].synchronize()
+        times: dict[str, float] = {}
+        for (_, begin), (name, end) in itertools.pairwise(self.marks):
+            ms = begin.elapsed_time(end) if self.on_cuda else (end - begin) * 1e3
+            times[name] = times.get(name, 0.0) + ms
+        return times
 
 
 # Scratch bytes per history entry of one ordering head while ranking: the fp32 score and the

@@ -185,8 +185,9 @@ def record_stats() -> Iterator[AttentionRecorder]:
     >>> recorder.summary()
     '4 attention calls: 4 sparse (density 0.412), 0 dense'
 
-    While recording, s2o.attention measures its stages (``S2OStats.time_ms``), synchronising the
-    device after each one, so time a model outside this block.
+    While recording, s2o.attention measures its stages (``S2OStats.time_ms``, from CUDA events)
+    and reads its tile counts, synchronising the device once per call, so time a model outside
+    this block.
     """
     recorder = AttentionRecorder()
     _recorders.append(recorder)
