@@ -87,12 +87,13 @@ inline void check_rank_bits(int64_t rank_bits) {
 // The arguments of permute_indices; returns the segment layout the scores are laid out in.
 inline SegmentLayout check_permute_args(const at::Tensor& scores, int64_t num_queries,
                                         int64_t num_keys, int64_t segment_size, int64_t q_offset,
-                                        bool is_causal, int64_t rank_bits) {
+                                        bool is_causal, int64_t rank_bits, int64_t rank_head) {
   S2O_CHECK(scores.defined() && scores.scalar_type() == at::kFloat,
             "scores must be a float32 tensor (from estimate_importance)");
   S2O_CHECK(num_queries >= 1, "num_queries must be >= 1, got ", num_queries);
   S2O_CHECK(num_keys >= 1, "num_keys must be >= 1, got ", num_keys);
   check_rank_bits(rank_bits);
+  S2O_CHECK(rank_head >= 0, "rank_head must be >= 0 (0: rank the whole history), got ", rank_head);
   const SegmentLayout layout = check_layout(num_queries, num_keys, segment_size, q_offset, is_causal);
   const int64_t total = layout.total_history();
   S2O_CHECK(scores.dim() == 3 && scores.size(2) == total,

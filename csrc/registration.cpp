@@ -20,11 +20,13 @@ TORCH_LIBRARY(s2o, m) {
       "estimate_importance(Tensor query, Tensor key, int segment_size, int q_offset, bool is_causal, "
       "bool order_per_kv_head) -> (Tensor, Tensor)");
   // Per segment, the history keys ranked by falling score (top rank_bits bits of an
-  // order-preserving integer map; ties: lower key index first). scores [B, H_ord, T] fp32 ->
-  // indices [B, H_ord, T] int32.
+  // order-preserving integer map; ties: lower key index first). With rank_head > 0 only the head
+  // is ranked: the rank_head best keys and every key tied with the last of them, then the rest in
+  // index order (0: rank the whole history). scores [B, H_ord, T] fp32 -> indices [B, H_ord, T]
+  // int32.
   m.def(
       "permute_indices(Tensor scores, int num_queries, int num_keys, int segment_size, int q_offset, "
-      "bool is_causal, int rank_bits=32) -> Tensor");
+      "bool is_causal, int rank_bits=32, int rank_head=0) -> Tensor");
   // Early-stopping sparse attention: per work unit (block_m query rows of one query head, or of
   // the G heads of a KV group together when group_units), the local keys densely with the causal
   // mask, then the history in tiles of block_n keys taken from `indices` in order, stopping once

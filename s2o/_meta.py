@@ -26,7 +26,7 @@ def _estimate_importance_fake(query, key, segment_size, q_offset, is_causal, ord
 
 @torch.library.register_fake("s2o::permute_indices")
 def _permute_indices_fake(
-    scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits=32
+    scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits=32, rank_head=0
 ):
     return scores.new_empty(scores.shape, dtype=torch.int32)
 

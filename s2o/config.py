@@ -31,6 +31,10 @@ class S2OConfig:
             decides for all); False: every query head stops on its own.
         rank_bits: bits of the score's order-preserving key used for ranking (32: exact order;
             up to 12: one-pass counting sort on the GPU, no sort buffers).
+        rank_head: rank only the head of each segment's list: its ``rank_head`` best keys (and
+            keys tied with the last of them); the rest follows in index order, a cheaper write.
+            The kernel stops long before the end of a long list, so the order of its tail rarely
+            matters. 0: rank the whole history. On CUDA needs rank_bits <= 12.
         causal_alignment: where queries sit when ``is_causal`` and Nq < Nk: ``"top_left"``
             (SDPA's is_causal: query i at position i) or ``"bottom_right"`` (queries are the last Nq
             positions: chunked prefill with a KV cache).
@@ -56,6 +60,7 @@ class S2OConfig:
     # bits take CUB's radix sort. On the structured data at 8K it ranks as well as exact fp32 order
     # (density 0.4046 vs 0.4026, relative error 5.55% vs 5.61%).
     rank_bits: int = 12
+    rank_head: int = 0
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     # H200, Llama-3.1-8B head shape, structured data (benchmarks/attention_speed.py): s2o at the
     # defaults is 1.24x SDPA-flash / 0.67x SDPA-cuDNN at 8K, 1.92x / 1.01x at 16K, 3.00x / 1.76x at
@@ -86,6 +91,8 @@ class S2OConfig:
             raise ValueError("group_units needs ordering='kv_head'")
         if not 1 <= self.rank_bits <= 32:
             raise ValueError(f"rank_bits must be in [1, 32], got {self.rank_bits}")
+        if self.rank_head < 0:
+            raise ValueError(f"rank_head must be >= 0 (0: rank everything), got {self.rank_head}")
 
     @property
     def order_per_kv_head(self) -> bool:

@@ -40,16 +40,20 @@ def permute_indices(
     q_offset: int = 0,
     is_causal: bool = True,
     rank_bits: int = 32,
+    rank_head: int = 0,
 ) -> torch.Tensor:
     """Ranks each segment's history keys by falling score.
 
     Only the top ``rank_bits`` bits of an order-preserving integer map of the fp32 score take part
     (32: exact fp32 order); equal keys keep the lower key index first; NaN ranks first.
+    ``rank_head > 0`` ranks only the head of each list: the ``rank_head`` best keys and every key
+    tied with the last of them; the other keys follow in index order (on CUDA this needs
+    ``rank_bits <= 12``). 0 ranks the whole history.
 
     Returns int32 ``[B, H_ord, T]``: per segment, a permutation of ``range(history_length)``.
     """
     return torch.ops.s2o.permute_indices(
-        scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits
+        scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits, rank_head
     )
 
 

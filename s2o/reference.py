@@ -101,15 +101,26 @@ def permute_indices(
     q_offset: int = 0,
     is_causal: bool = True,
     rank_bits: int = 32,
+    rank_head: int = 0,
 ) -> torch.Tensor:
-    """Per segment, the history key indices by falling rank key, ties by lower index (int32)."""
+    """Per segment, the history key indices by falling rank key, ties by lower index (int32).
+    With ``rank_head > 0`` only the keys at or above the ``rank_head``-th largest rank key are
+    ranked; the others follow in index order."""
     layout = SegmentLayout(num_queries, num_keys, segment_size, q_offset, is_causal)
     keys = rank_keys(scores, rank_bits)
     out = torch.empty(scores.shape, dtype=torch.int32, device=scores.device)
     for s in range(layout.num_segments):
         begin, length = layout.history_offset(s), layout.history_length(s)
         seg = keys[..., begin : begin + length]
-        out[..., begin : begin + length] = torch.argsort(-seg, dim=-1, stable=True).to(torch.int32)
+        order = torch.argsort(-seg, dim=-1, stable=True)
+        if 0 < rank_head < length:
+            head_min = torch.gather(seg, -1, order[..., rank_head - 1 : rank_head])
+            # The full order puts the tail (keys below head_min) last; put its keys in index
+            # order: sorted with the head's entries as -1, they fill the same suffix.
+            in_tail = torch.gather(seg, -1, order) < head_min
+            tail = torch.sort(torch.where(in_tail, order, -1), dim=-1).values
+            order = torch.where(in_tail, tail, order)
+        out[..., begin : begin + length] = order.to(torch.int32)
     return out
 
 

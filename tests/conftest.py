@@ -119,6 +119,7 @@ def run_pipeline(
     threshold=0.0,
     patience=1,
     rank_bits=32,
+    rank_head=0,
 ):
     """The three ops in sequence; returns (scores, indices, (out, lse, tile_counts))."""
     _, scores = s2o.estimate_importance(
@@ -137,6 +138,7 @@ def run_pipeline(
         q_offset=case.q_offset,
         is_causal=case.is_causal,
         rank_bits=rank_bits,
+        rank_head=rank_head,
     )
     result = s2o.sparse_attention(
         q,

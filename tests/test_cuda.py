@@ -73,6 +73,35 @@ def test_permute_indices_is_equal_to_cpu(case, rank_bits):
     assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
 
 
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("rank_bits", [12, 3])
+@pytest.mark.parametrize("rank_head", [1, 50, 200])
+def test_permute_indices_head_is_equal_to_cpu(case, rank_bits, rank_head):
+    (q, k, _), _ = _pair(case, torch.bfloat16)
+    _, scores = s2o.estimate_importance(
+        q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
+    )
+    kwargs = dict(
+        num_queries=case.num_queries,
+        num_keys=case.num_keys,
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        rank_bits=rank_bits,
+        rank_head=rank_head,
+    )
+    expected = s2o.permute_indices(scores, **kwargs)
+    assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
+
+
+def test_permute_indices_head_needs_counting_sort_on_cuda():
+    scores = torch.randn(1, 1, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="rank_bits <= 12"):
+        s2o.permute_indices(
+            scores, num_queries=9, num_keys=9, segment_size=8, rank_bits=16, rank_head=2
+        )
+
+
 @pytest.mark.parametrize("rank_bits", [32, 12])
 def test_permute_indices_special_values_on_cuda(rank_bits):
     nan, inf = float("nan"), float("inf")
@@ -85,7 +114,8 @@ def test_permute_indices_special_values_on_cuda(rank_bits):
 
 @pytest.mark.parametrize("rank_bits", [12, 7, 1])
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_permute_indices_long_histories_with_ties(rank_bits, is_causal):
+@pytest.mark.parametrize("rank_head", [0, 1000])
+def test_permute_indices_long_histories_with_ties(rank_bits, is_causal, rank_head):
     """Histories long enough that every warp of the counting sort owns many keys, with few
     distinct scores so that the tie order (lower index first) decides most positions."""
     layout = dict(
@@ -95,6 +125,7 @@ def test_permute_indices_long_histories_with_ties(rank_bits, is_causal):
         q_offset=1000,
         is_causal=is_causal,
         rank_bits=rank_bits,
+        rank_head=rank_head,
     )
     total = SegmentLayout(6000, 7000, 512, 1000, is_causal).total_history
     generator = torch.Generator().manual_seed(0)

@@ -43,6 +43,55 @@ def test_matches_reference_and_is_a_ranked_permutation(case, rank_bits):
         assert (seg[..., :-1][tie] < seg[..., 1:][tie]).all()
 
 
+@pytest.mark.parametrize("case", CPU_CASES[:4], ids=lambda c: c.id)
+@pytest.mark.parametrize("rank_bits", [32, 12, 3])
+@pytest.mark.parametrize("rank_head", [1, 7, 64])
+def test_rank_head_ranks_the_head_and_keeps_the_tail_in_index_order(case, rank_bits, rank_head):
+    q, k, _ = make_qkv(case)
+    _, scores = s2o.estimate_importance(
+        q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
+    )
+    kwargs = dict(rank_bits=rank_bits, **_layout_kwargs(case))
+    indices = s2o.permute_indices(scores, rank_head=rank_head, **kwargs)
+    assert torch.equal(indices, reference.permute_indices(scores, rank_head=rank_head, **kwargs))
+    full = s2o.permute_indices(scores, **kwargs)
+    layout = SegmentLayout(**_layout_kwargs(case))
+    keys = reference.rank_keys(scores, rank_bits)
+    for s in range(layout.num_segments):
+        begin, length = layout.history_offset(s), layout.history_length(s)
+        got, ranked = indices[..., begin : begin + length], full[..., begin : begin + length]
+        if length <= rank_head:  # the whole list is the head
+            assert torch.equal(got, ranked)
+            continue
+        seg_keys = keys[..., begin : begin + length]
+        head_min = seg_keys.gather(-1, ranked[..., rank_head - 1 : rank_head].long())
+        for row_got, row_ranked, row_keys, row_min in zip(
+            got.reshape(-1, length),
+            ranked.reshape(-1, length),
+            seg_keys.reshape(-1, length),
+            head_min.reshape(-1),
+            strict=True,
+        ):
+            head = int((row_keys >= row_min).sum())
+            assert head >= rank_head
+            # The head as in the full ranking, then the other keys in index order.
+            assert torch.equal(row_got[:head], row_ranked[:head])
+            tail = torch.nonzero(row_keys < row_min).flatten().to(torch.int32)
+            assert torch.equal(row_got[head:], tail)
+
+
+def test_rank_head_covering_the_history_ranks_everything():
+    scores = torch.randn(1, 2, SegmentLayout(300, 300, 32, 0, True).total_history)
+    kwargs = dict(num_queries=300, num_keys=300, segment_size=32, rank_bits=12)
+    full = s2o.permute_indices(scores, **kwargs)
+    assert torch.equal(
+        s2o.permute_indices(scores, rank_head=288, **kwargs), full
+    )  # longest history
+    assert not torch.equal(s2o.permute_indices(scores, rank_head=100, **kwargs), full)
+    with pytest.raises(RuntimeError, match="rank_head must be >= 0"):
+        s2o.permute_indices(scores, rank_head=-1, **kwargs)
+
+
 def test_ties_break_by_lower_index_and_special_values():
     # One segment of history 8 (Nq = 9 with segment_size 8: segment 1 sees keys 0..7).
     nan, inf = float("nan"), float("inf")
@@ -51,6 +100,22 @@ def test_ties_break_by_lower_index_and_special_values():
     indices = s2o.permute_indices(scores, num_queries=9, num_keys=9, segment_size=8)
     # NaN first, then 3.0 (keys 2, 7), 1.0 (0, 3), zeros of either sign as equals (1, 5), -inf.
     assert indices[0, 0].tolist() == [4, 2, 7, 0, 3, 1, 5, 6]
+
+
+def test_rank_head_keeps_keys_tied_with_the_last_head_key():
+    scores = torch.tensor([1.0, 5.0, 2.0, 5.0, 3.0, 2.0, 0.5, 2.0]).view(1, 1, 8)
+    kwargs = dict(num_queries=9, num_keys=9, segment_size=8)
+    # The 4th best key is a 2.0: all three 2.0 keys are in the head; 1.0 and 0.5 follow by index.
+    assert s2o.permute_indices(scores, rank_head=4, **kwargs)[0, 0].tolist() == [
+        1,
+        3,
+        4,
+        2,
+        5,
+        7,
+        0,
+        6,
+    ]
 
 
 def test_coarse_rank_bits_merge_close_scores():

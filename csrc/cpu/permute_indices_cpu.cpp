@@ -1,10 +1,11 @@
 // CPU kernel of s2o::permute_indices: per segment, its history keys by falling rank key
-// (csrc/include/s2o/ranking.h), ties by lower key index.
+// (csrc/include/s2o/ranking.h), ties by lower key index; with rank_head, only the head is ranked
+// and the other keys follow in index order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
+#include <functional>
 #include <vector>
 
 #include "checks.h"
@@ -15,11 +16,33 @@
 namespace s2o {
 namespace {
 
+// Writes the ranked list of one segment (keys: its history's rank keys) to `list`.
+void rank_list(const std::vector<uint32_t>& keys, int64_t rank_head, std::vector<uint32_t>& sorted,
+               int32_t* list) {
+  const int64_t history = static_cast<int64_t>(keys.size());
+  // The head: keys at or above the rank_head-th largest key (all keys when the head is the
+  // whole history).
+  uint32_t head_min = 0;
+  if (rank_head > 0 && rank_head < history) {
+    sorted.assign(keys.begin(), keys.end());
+    std::nth_element(sorted.begin(), sorted.begin() + (rank_head - 1), sorted.end(),
+                     std::greater<uint32_t>());
+    head_min = sorted[rank_head - 1];
+  }
+  int32_t* head_end = list;
+  for (int64_t j = 0; j < history; ++j)
+    if (keys[j] >= head_min) *head_end++ = static_cast<int32_t>(j);
+  int32_t* tail = head_end;
+  for (int64_t j = 0; j < history; ++j)
+    if (keys[j] < head_min) *tail++ = static_cast<int32_t>(j);
+  std::stable_sort(list, head_end, [&](int32_t a, int32_t b) { return keys[a] > keys[b]; });
+}
+
 at::Tensor permute_indices_cpu(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
                                int64_t segment_size, int64_t q_offset, bool is_causal,
-                               int64_t rank_bits) {
+                               int64_t rank_bits, int64_t rank_head) {
   const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
-                                                  q_offset, is_causal, rank_bits);
+                                                  q_offset, is_causal, rank_bits, rank_head);
   const int64_t total = layout.total_history();
 
   const at::Tensor scores_c = scores.contiguous();
@@ -31,18 +54,15 @@ at::Tensor permute_indices_cpu(const at::Tensor& scores, int64_t num_queries, in
 
   at::parallel_for(0, scores.size(0) * scores.size(1) * num_segments, 1,
                    [&](int64_t begin, int64_t end) {
-                     std::vector<uint32_t> keys;
+                     std::vector<uint32_t> keys, sorted;
                      for (int64_t unit = begin; unit < end; ++unit) {
                        const int64_t s = unit % num_segments;
-                       const int64_t head_base = (unit / num_segments) * total;
-                       const int64_t offset = head_base + layout.history_offset(s);
+                       const int64_t list_base = (unit / num_segments) * total;
+                       const int64_t offset = list_base + layout.history_offset(s);
                        const int64_t history = layout.history_length(s);
                        keys.resize(history);
                        for (int64_t j = 0; j < history; ++j) keys[j] = rank_key(in[offset + j], bits);
-                       int32_t* list = out + offset;
-                       std::iota(list, list + history, 0);
-                       std::stable_sort(list, list + history,
-                                        [&](int32_t a, int32_t b) { return keys[a] > keys[b]; });
+                       rank_list(keys, rank_head, sorted, out + offset);
                      }
                    });
   return indices;

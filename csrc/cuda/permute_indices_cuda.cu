@@ -50,22 +50,25 @@ void rank_segments(const at::Tensor& scores, const SegmentLayout& layout, int ra
 }
 
 void counting_rank(const at::Tensor& scores, const SegmentLayout& layout, int rank_bits,
-                   at::Tensor& indices) {
+                   int64_t rank_head, at::Tensor& indices) {
   using C = CountingRank;
   C10_CUDA_CHECK(cudaFuncSetAttribute(counting_rank_kernel,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
   const dim3 grid(unsigned(scores.size(0) * scores.size(1)), unsigned(layout.num_segments()));
   counting_rank_kernel<<<grid, C::kThreads, C::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(
-      scores.const_data_ptr<float>(), layout, rank_bits, indices.mutable_data_ptr<int32_t>());
+      scores.const_data_ptr<float>(), layout, rank_bits, rank_head,
+      indices.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor permute_indices_cuda(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
                                 int64_t segment_size, int64_t q_offset, bool is_causal,
-                                int64_t rank_bits) {
+                                int64_t rank_bits, int64_t rank_head) {
   const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
-                                                  q_offset, is_causal, rank_bits);
+                                                  q_offset, is_causal, rank_bits, rank_head);
   const bool counting = rank_bits <= CountingRank::kBits;
+  S2O_CHECK(counting || rank_head == 0, "permute_indices on CUDA ranks only a head (rank_head=",
+            rank_head, ") with rank_bits <= 12, got rank_bits=", rank_bits);
   if (counting) {
     S2O_CHECK(layout.num_segments() <= 65535, "permute_indices on CUDA ranks at most 65535 "
                 "segments per list, got ", layout.num_segments(), " (use a larger segment_size)");
@@ -81,7 +84,7 @@ at::Tensor permute_indices_cuda(const at::Tensor& scores, int64_t num_queries, i
   at::Tensor indices = at::empty(scores.sizes(), scores.options().dtype(at::kInt));
   if (scores.numel() == 0) return indices;
   if (counting) {
-    counting_rank(scores_c, layout, int(rank_bits), indices);
+    counting_rank(scores_c, layout, int(rank_bits), rank_head, indices);
   } else if (rank_bits <= 16) {  // 16-bit sort keys: half the key traffic, at most two passes
     rank_segments<uint16_t>(scores_c, layout, int(rank_bits), indices);
   } else {

@@ -3,7 +3,8 @@
 // Each segment's history is ranked by falling rank key, equal keys in index order: exactly the CPU
 // kernel's std::stable_sort. Two implementations:
 // - rank_bits <= 12 (the default 12): a one-block-per-segment stable counting sort
-//   (counting_rank_kernel), two reads of the scores and one scattered write of the indices;
+//   (counting_rank_kernel), two reads of the scores and one write of the indices; it also ranks
+//   only a head (rank_head > 0);
 // - more bits: a stable segmented radix sort of (inverted rank key, key index) pairs (CUB).
 #pragma once
 
@@ -46,22 +47,39 @@ __global__ void build_sort_keys_kernel(const float* scores, SegmentLayout layout
 // run from the highest rank key down, warps own increasing index ranges and each warp walks its
 // range in order, so the result is the stable order.
 //
+// With rank_head, only the bins holding the rank_head best keys (the head) are placed that way;
+// the other keys (the tail) follow the head in index order: each warp writes its tail keys
+// contiguously, from its own start after the head and the lower warps' tails.
+//
 // Both passes keep two batches of scores in flight per lane (the next one loads while this one is
-// processed). Pass 2 matches a whole batch, then claims its positions with shared atomics issued
-// back to back, so no shared-memory round trip sits between two keys of a warp.
+// processed). Pass 2 writes the batch's tail keys at once (coalesced), stages its head keys in
+// shared memory in index order, then ranks them 32 at a time: one match, one shared atomic claim
+// per group of equal bins, one scattered write per key.
 struct CountingRank {
   static constexpr int kBits = 12;
   static constexpr int kBins = 1 << kBits;
   static constexpr int kWarps = 4;  // 64 KiB of counters: three blocks per SM
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBatch = 16;  // scores per lane processed together
+  static constexpr int kStride = 32 * kBatch;  // keys per batch of a warp
   static constexpr int kCounters = kBins * kWarps;
-  // The scan gives each thread a run of kRun consecutive counters; one padding word after each run
-  // puts the runs' starts in distinct banks.
+  // The scan gives each thread a run of kRun consecutive counters (kRun / kWarps bins); one
+  // padding word after each run puts the runs' starts in distinct banks.
   static constexpr int kRun = kCounters / kThreads;
-  static constexpr int kSmemWords = kCounters + kCounters / kRun + kWarps;
+  static constexpr int kRunBins = kRun / kWarps;
+  // Shared memory, in words: the counters (padded); per warp its total in the scan and its tail
+  // size; one scratch word per thread, the target of the shared atomics of lanes with nothing to
+  // claim (so every atomic is issued by the whole warp without a branch); per warp the staged head
+  // keys of a batch, (bin << kOffsetBits) | offset in the batch.
+  static constexpr int kOffsetBits = 9;
+  static constexpr int kWarpTotalsOffset = kCounters + kCounters / kRun;
+  static constexpr int kWarpTailsOffset = kWarpTotalsOffset + kWarps;
+  static constexpr int kScratchOffset = kWarpTailsOffset + kWarps;
+  static constexpr int kStageOffset = kScratchOffset + kThreads;
+  static constexpr int kSmemWords = kStageOffset + kWarps * kStride;
   static constexpr int kSmemBytes = kSmemWords * int(sizeof(uint32_t));
   static_assert(kRun == 128, "runs of 128 words: one padding word shifts each by one bank");
+  static_assert(kStride == 1 << kOffsetBits && kBits + kOffsetBits <= 32, "staged key packing");
 
   static __device__ __forceinline__ uint32_t slot(int bin, int warp) {
     const uint32_t flat = uint32_t(bin) * kWarps + uint32_t(warp);
@@ -69,13 +87,28 @@ struct CountingRank {
   }
 };
 
+// Sum of v over the block's threads (CountingRank::kThreads), for all of them.
+__device__ __forceinline__ uint32_t block_sum(uint32_t v, uint32_t* partials) {
+  using C = CountingRank;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  __syncthreads();  // partials may still be read from an earlier call
+  if (threadIdx.x % 32 == 0) partials[threadIdx.x / 32] = v;
+  __syncthreads();
+  uint32_t total = 0;
+#pragma unroll
+  for (int w = 0; w < C::kWarps; ++w) total += partials[w];
+  return total;
+}
+
 __global__ void __launch_bounds__(CountingRank::kThreads)
     counting_rank_kernel(const float* scores, SegmentLayout layout, int rank_bits,
-                         int32_t* indices) {
+                         int64_t rank_head, int32_t* indices) {
   using C = CountingRank;
-  constexpr int kStride = 32 * C::kBatch;  // keys per batch of the warp
+  constexpr int kStride = C::kStride;
   extern __shared__ uint32_t counters[];
-  uint32_t* warp_totals = counters + C::kSmemWords - C::kWarps;
+  uint32_t* warp_totals = counters + C::kWarpTotalsOffset;
+  uint32_t* warp_tails = counters + C::kWarpTailsOffset;
   // Later segments have longer histories when causal: start them first, for all heads.
   const int64_t s = layout.num_segments() - 1 - blockIdx.y;
   const int64_t history = layout.history_length(s);
@@ -91,13 +124,17 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
   const uint32_t top = (1u << rank_bits) - 1u;
   const int bin_shift = C::kBits - rank_bits;  // coarser keys use every 2^shift-th bin
   const unsigned lanes_below = (1u << lane) - 1u;
+  const uint32_t scratch = C::kScratchOffset + tid;
+  uint32_t* stage = counters + C::kStageOffset + warp * kStride;
   auto bin_of = [&](float score) { return int((top - rank_key(score, rank_bits)) << bin_shift); };
+  // Keys of this lane's batch starting at j0 that lie in the range, as 32-bit arithmetic: the
+  // lane's b-th key is in range when b * 32 < room.
+  auto room_of = [&](int64_t j0) { return int(min(hi - j0 - lane, int64_t(kStride))); };
   auto load_batch = [&](float (&x)[C::kBatch], int64_t j0) {
+    const int room = room_of(j0);
+    const float* src = seg_scores + j0 + lane;
 #pragma unroll
-    for (int b = 0; b < C::kBatch; ++b) {
-      const int64_t j = j0 + b * 32 + lane;
-      x[b] = j < hi ? seg_scores[j] : 0.0f;
-    }
+    for (int b = 0; b < C::kBatch; ++b) x[b] = b * 32 < room ? src[b * 32] : 0.0f;
   };
   __syncthreads();
 
@@ -108,10 +145,10 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
 #pragma unroll
     for (int b = 0; b < C::kBatch; ++b) x[b] = ahead[b];
     if (j0 + kStride < hi) load_batch(ahead, j0 + kStride);
+    const int room = room_of(j0);
 #pragma unroll
-    for (int b = 0; b < C::kBatch; ++b) {
-      if (j0 + b * 32 + lane < hi) atomicAdd(&counters[C::slot(bin_of(x[b]), warp)], 1u);
-    }
+    for (int b = 0; b < C::kBatch; ++b)
+      atomicAdd(&counters[b * 32 < room ? C::slot(bin_of(x[b]), warp) : scratch], 1u);
   }
   __syncthreads();
 
@@ -136,37 +173,73 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
   }
   __syncthreads();
 
-  // Pass 2: each key goes to its warp's next position in its bin, after the lower lanes of the
-  // same bin. Lanes past the range take a bin no key has and write nothing.
+  // The head: bins below head_end, the bins that start before the rank_head-th position (so they
+  // hold the rank_head best keys and all keys tied with the last of them). A bin starts at its
+  // warp-0 counter.
+  int head_end = C::kBins;
+  uint32_t tail_begin = uint32_t(history);  // this warp's first tail position
+  if (rank_head > 0 && rank_head < history) {
+    uint32_t starting_before = 0;
+    for (int i = 0; i < C::kRunBins; ++i) starting_before += run[i * C::kWarps] < rank_head;
+    head_end = int(block_sum(starting_before, warp_totals));
+    const uint32_t head_size = head_end < C::kBins ? counters[C::slot(head_end, 0)] : history;
+    // Tail keys per warp: the counts of the bins from head_end on, from consecutive positions.
+    const uint32_t next_run = tid + 1 < C::kThreads ? run[C::kRun + 1] : uint32_t(history);
+    uint32_t tails[C::kWarps] = {};
+    const int first_bin = tid * C::kRunBins;
+    for (int i = 0; i < C::kRun; ++i) {
+      const uint32_t count = (i + 1 < C::kRun ? run[i + 1] : next_run) - run[i];
+      if (first_bin + i / C::kWarps >= head_end) tails[i % C::kWarps] += count;
+    }
+    tail_begin = head_size;
+    for (int w = 0; w < C::kWarps; ++w) {
+      const uint32_t tail = block_sum(tails[w], warp_totals);
+      if (w < warp) tail_begin += tail;
+    }
+  }
+
+  // Pass 2. Tail keys go to the warp's next tail positions in index order. Head keys are staged
+  // in index order, then each goes to its warp's next position in its bin, after the lower lanes
+  // of the same bin. Lanes past the range take a bin no key has and write nothing.
   constexpr int kNoBin = -1;
+  constexpr uint32_t kOffsetMask = (1u << C::kOffsetBits) - 1u;
   load_batch(ahead, lo);
   for (int64_t j0 = lo; j0 < hi; j0 += kStride) {
 #pragma unroll
     for (int b = 0; b < C::kBatch; ++b) x[b] = ahead[b];
     if (j0 + kStride < hi) load_batch(ahead, j0 + kStride);
-    int bins[C::kBatch];
-    unsigned peers[C::kBatch];
+    const int room = room_of(j0);
+    int staged = 0;
 #pragma unroll
     for (int b = 0; b < C::kBatch; ++b) {
-      bins[b] = j0 + b * 32 + lane < hi ? bin_of(x[b]) : kNoBin;
-      peers[b] = __match_any_sync(0xFFFFFFFFu, bins[b]);
+      const bool in_range = b * 32 < room;
+      const int bin = bin_of(x[b]);
+      const bool head = in_range && bin < head_end, tail = in_range && bin >= head_end;
+      const unsigned head_lanes = __ballot_sync(0xFFFFFFFFu, head);
+      const unsigned tail_lanes = __ballot_sync(0xFFFFFFFFu, tail);
+      if (head)
+        stage[staged + __popc(head_lanes & lanes_below)] =
+            (uint32_t(bin) << C::kOffsetBits) | uint32_t(b * 32 + lane);
+      if (tail)
+        seg_indices[tail_begin + __popc(tail_lanes & lanes_below)] = int32_t(j0 + b * 32 + lane);
+      staged += __popc(head_lanes);
+      tail_begin += __popc(tail_lanes);
     }
-    // The lowest lane of each group of equal bins claims the group's positions. The claims of
-    // the batch are issued back to back; __syncwarp orders them (it costs nothing in converged
-    // code), so equal bins are claimed in iteration order.
-    uint32_t first[C::kBatch];
-#pragma unroll
-    for (int b = 0; b < C::kBatch; ++b) {
-      first[b] = 0;
-      if (bins[b] != kNoBin && (peers[b] & lanes_below) == 0)
-        first[b] = atomicAdd(&counters[C::slot(bins[b], warp)], uint32_t(__popc(peers[b])));
+    __syncwarp();
+    // The lowest lane of each group of equal bins claims the group's positions; the other lanes
+    // add 0 to their scratch word. __syncwarp orders the claims of consecutive groups.
+    for (int g = 0; g < staged; g += 32) {
+      const bool valid = g + lane < staged;
+      const uint32_t packed = valid ? stage[g + lane] : 0u;
+      const int bin = valid ? int(packed >> C::kOffsetBits) : kNoBin;
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);
+      const bool leader = valid && (peers & lanes_below) == 0;
+      const uint32_t first = atomicAdd(&counters[leader ? C::slot(bin, warp) : scratch],
+                                       leader ? uint32_t(__popc(peers)) : 0u);
+      const uint32_t base = __shfl_sync(0xFFFFFFFFu, first, __ffs(peers) - 1);
+      if (valid)
+        seg_indices[base + __popc(peers & lanes_below)] = int32_t(j0 + (packed & kOffsetMask));
       __syncwarp();
-    }
-#pragma unroll
-    for (int b = 0; b < C::kBatch; ++b) {
-      const uint32_t base = __shfl_sync(0xFFFFFFFFu, first[b], __ffs(peers[b]) - 1);
-      if (bins[b] != kNoBin)
-        seg_indices[base + __popc(peers[b] & lanes_below)] = int32_t(j0 + b * 32 + lane);
     }
   }
 }

@@ -26,17 +26,13 @@ S2O_HOST_DEVICE uint32_t float_bits(float x) {
 #endif
 }
 
-// Order-preserving map of a score to [0, 2^rank_bits), larger = more important.
+// Order-preserving map of a score to [0, 2^rank_bits), larger = more important. Written as
+// selects, not branches: the GPU ranking kernels call it once per key.
 S2O_HOST_DEVICE uint32_t rank_key(float score, int rank_bits) {
-  uint32_t u;
-  if (score != score) {
-    u = 0xFFFFFFFFu;
-  } else if (score == 0.0f) {
-    u = 0x80000000u;
-  } else {
-    u = float_bits(score);
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  }
+  const uint32_t bits = float_bits(score);
+  uint32_t u = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  u = score == 0.0f ? 0x80000000u : u;
+  u = score != score ? 0xFFFFFFFFu : u;
   return u >> (kMaxRankBits - rank_bits);
 }
 
