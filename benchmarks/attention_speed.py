@@ -147,11 +147,15 @@ def peak_extra_bytes(fn, args) -> int:
     return max(0, extra)
 
 
-def benchmark_config(threshold: float | None) -> S2OConfig:
-    """The defaults (or another threshold), on every length (min_keys would send short ones to
-    SDPA), and strict: a fallback must never be measured as s2o."""
+def benchmark_config(threshold: float | None = None, rank_head: int | None = None) -> S2OConfig:
+    """The defaults (or another threshold / rank_head), on every length (min_keys would send
+    short ones to SDPA), and strict: a fallback must never be measured as s2o."""
     config = S2OConfig(strict=True, min_keys=0)
-    return config if threshold is None else dataclasses.replace(config, threshold=threshold)
+    if threshold is not None:
+        config = dataclasses.replace(config, threshold=threshold)
+    if rank_head is not None:
+        config = dataclasses.replace(config, rank_head=rank_head)
+    return config
 
 
 def run(args, config: S2OConfig) -> list[dict]:
@@ -264,9 +268,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed runs (0: by length)")
     parser.add_argument("--flex-max", type=int, default=65536, help="longest length for flex")
     parser.add_argument("--threshold", type=float, help="s2o row's threshold (default: config's)")
+    parser.add_argument("--rank-head", type=int, help="s2o row's rank_head (default: config's)")
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     args = parser.parse_args()
-    config = benchmark_config(args.threshold)
+    config = benchmark_config(args.threshold, args.rank_head)
     header = run_header("cuda")
     header["config"] = str(config)
     print_header(header)

@@ -60,7 +60,15 @@ class S2OConfig:
     # bits take CUB's radix sort. On the structured data at 8K it ranks as well as exact fp32 order
     # (density 0.4046 vs 0.4026, relative error 5.55% vs 5.61%).
     rank_bits: int = 12
-    rank_head: int = 0
+    # Rank exactly only the 16384 best keys of each list (256 tiles of 64); the rest follows in
+    # index order. Measured on the structured data (H200, benchmarks/sweep_threshold.py at
+    # thresholds 0.003 / 0.004 / 0.006): at 32K the same density and error as ranking everything;
+    # at 128K the points lie on the full ranking's error-vs-density curve (density 0.1037 / error
+    # 9.17% vs 0.1050 / 9.03% at threshold 0.004), and ranking 8 KV heads takes 1.60 ms instead
+    # of 5.54 ms. 8192 loses accuracy (11.7% error at density 0.086, where ranking everything
+    # gives ~10.3%). Far below the default threshold the kernel may visit more than 256 tiles of
+    # a list: raise rank_head (or set 0) there.
+    rank_head: int = 16384
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     # H200, Llama-3.1-8B head shape, structured data (benchmarks/attention_speed.py): s2o at the
     # defaults is 1.24x SDPA-flash / 0.67x SDPA-cuDNN at 8K, 1.92x / 1.01x at 16K, 3.00x / 1.76x at
