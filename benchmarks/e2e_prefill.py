@@ -112,8 +112,11 @@ TINY_LENGTHS = (512, 1024)
 CHECK_LENGTH = 8192  # prompt length of the correctness check
 TINY_CHECK_LENGTH = 256
 # Relative L2 error allowed before timing: last-token logits of a backend vs flash (bf16 through
-# all layers), and s2o's attention output at threshold 0 vs dense SDPA (one bf16 rounding).
-LOGITS_TOLERANCE = 0.05
+# all layers), and s2o's attention output at threshold 0 vs dense SDPA (one bf16 rounding). The
+# logits of the random-weight model drift through 32 bf16 layers: SDPA cuDNN vs SDPA flash
+# differ by 5.2% at 16K (H200), so the bound sits at twice that floor; a wrong route or kernel
+# gives errors of order 1.
+LOGITS_TOLERANCE = 0.1
 ATTENTION_TOLERANCE = 0.02
 IMPLEMENTATION = "s2o_bench"
 
