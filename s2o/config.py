@@ -71,8 +71,8 @@ class S2OConfig:
     rank_head: int = 16384
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     # H200, Llama-3.1-8B head shape, structured data (benchmarks/attention_speed.py): s2o at the
-    # defaults is 1.24x SDPA-flash / 0.67x SDPA-cuDNN at 8K, 1.92x / 1.01x at 16K, 3.00x / 1.76x at
-    # 32K: below 16K the cuDNN backend is faster.
+    # defaults is 1.35x SDPA-flash / 0.69x SDPA-cuDNN at 8K, 1.84x / 0.97x at 16K, 3.03x / 1.81x at
+    # 32K: up to 16K the cuDNN backend is faster.
     min_keys: int = 16384
     workspace_bytes: int = 512 * 2**20
     strict: bool = False
