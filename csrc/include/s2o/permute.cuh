@@ -136,20 +136,27 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
 #pragma unroll
     for (int b = 0; b < C::kBatch; ++b) x[b] = b * 32 < room ? src[b * 32] : 0.0f;
   };
+  // Calls process(x, j0) for each batch of the warp's range in order, x holding the batch's
+  // scores; the next batch loads while this one is processed.
+  auto for_each_batch = [&](auto&& process) {
+    float x[C::kBatch], ahead[C::kBatch];
+    load_batch(ahead, lo);
+    for (int64_t j0 = lo; j0 < hi; j0 += kStride) {
+#pragma unroll
+      for (int b = 0; b < C::kBatch; ++b) x[b] = ahead[b];
+      if (j0 + kStride < hi) load_batch(ahead, j0 + kStride);
+      process(x, j0);
+    }
+  };
   __syncthreads();
 
-  float x[C::kBatch], ahead[C::kBatch];
   // Pass 1: per-warp counts.
-  load_batch(ahead, lo);
-  for (int64_t j0 = lo; j0 < hi; j0 += kStride) {
-#pragma unroll
-    for (int b = 0; b < C::kBatch; ++b) x[b] = ahead[b];
-    if (j0 + kStride < hi) load_batch(ahead, j0 + kStride);
+  for_each_batch([&](const float (&x)[C::kBatch], int64_t j0) {
     const int room = room_of(j0);
 #pragma unroll
     for (int b = 0; b < C::kBatch; ++b)
       atomicAdd(&counters[b * 32 < room ? C::slot(bin_of(x[b]), warp) : scratch], 1u);
-  }
+  });
   __syncthreads();
 
   // Exclusive scan over (bin, warp): thread t owns the run of counters [t * kRun, (t+1) * kRun).
@@ -203,11 +210,7 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
   // of the same bin. Lanes past the range take a bin no key has and write nothing.
   constexpr int kNoBin = -1;
   constexpr uint32_t kOffsetMask = (1u << C::kOffsetBits) - 1u;
-  load_batch(ahead, lo);
-  for (int64_t j0 = lo; j0 < hi; j0 += kStride) {
-#pragma unroll
-    for (int b = 0; b < C::kBatch; ++b) x[b] = ahead[b];
-    if (j0 + kStride < hi) load_batch(ahead, j0 + kStride);
+  for_each_batch([&](const float (&x)[C::kBatch], int64_t j0) {
     const int room = room_of(j0);
     int staged = 0;
 #pragma unroll
@@ -241,7 +244,7 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
         seg_indices[base + __popc(peers & lanes_below)] = int32_t(j0 + (packed & kOffsetMask));
       __syncwarp();
     }
-  }
+  });
 }
 
 }  // namespace s2o
