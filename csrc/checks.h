@@ -165,6 +165,19 @@ inline SparseAttentionArgs check_sparse_attention_args(
   return args;
 }
 
+// row_order [B, Hq, Nq] int32 on query's device: per query head, a permutation of each
+// segment's rows (values are checked where they are read: check_row_order_values).
+inline void check_row_order(const at::Tensor& row_order, const at::Tensor& query) {
+  S2O_CHECK(row_order.scalar_type() == at::kInt, "row_order must be int32, got ",
+            row_order.scalar_type());
+  S2O_CHECK(row_order.device() == query.device(), "row_order must be on query's device (",
+            query.device(), "), got ", row_order.device());
+  S2O_CHECK(row_order.dim() == 3 && row_order.size(0) == query.size(0) &&
+                row_order.size(1) == query.size(1) && row_order.size(2) == query.size(2),
+            "row_order must have shape [B, Hq, Nq] = [", query.size(0), ", ", query.size(1), ", ",
+            query.size(2), "], got ", row_order.sizes());
+}
+
 inline double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
   S2O_CHECK(std::isfinite(s), "scale must be finite, got ", s);

@@ -32,9 +32,13 @@ TORCH_LIBRARY(s2o, m) {
   // mask, then the history in tiles of block_n keys taken from `indices` in order, stopping once
   // max_row(tile mass / row mass) < threshold for `patience` tiles in a row. Returns (out
   // [B, Hq, Nq, D] in query's dtype, lse [B, Hq, Nq] fp32, tile_counts [B, H_unit, ceil(Nq /
-  // block_m)] int32 with H_unit = Hkv when group_units else Hq).
+  // block_m)] int32 with H_unit = Hkv when group_units else Hq). row_order (CPU only; the
+  // paper's query permutation) [B, Hq, Nq] int32: per query head, the order of each segment's
+  // rows, so that query tile t of a segment takes its rows row_order[t * block_m : (t+1) *
+  // block_m]; None: rows in order.
   m.def(
       "sparse_attention(Tensor query, Tensor key, Tensor value, Tensor indices, int segment_size, "
       "int q_offset, bool is_causal, bool order_per_kv_head, bool group_units, int block_m, "
-      "int block_n, float threshold, int patience=1, float? scale=None) -> (Tensor, Tensor, Tensor)");
+      "int block_n, float threshold, int patience=1, float? scale=None, Tensor? row_order=None) -> "
+      "(Tensor, Tensor, Tensor)");
 }

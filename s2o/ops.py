@@ -73,6 +73,7 @@ def sparse_attention(
     threshold: float = 0.0,
     patience: int = 1,
     scale: float | None = None,
+    row_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Early-stopping sparse attention over ranked history tiles.
 
@@ -83,6 +84,11 @@ def sparse_attention(
     row's own) densely with the causal mask, then the history in tiles of ``block_n`` keys taken
     from ``indices`` in order, stopping once ``max_row(tile mass / row mass) < threshold`` for
     ``patience`` tiles in a row. ``threshold=0`` visits every key: dense attention.
+
+    ``row_order`` (CPU only; the paper's query permutation), int32 ``[B, Hq, Nq]``: per query
+    head, the order of each segment's rows; query tile t of a segment takes the rows
+    ``row_order[..., t * block_m : (t + 1) * block_m]`` (a permutation of the segment's rows;
+    see :func:`s2o.reference.guided_row_order`). Outputs stay in row order.
 
     Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32, tile_counts [B, H_unit,
     ceil(Nq/block_m)] int32)``, ``H_unit = Hkv`` with ``group_units`` else ``Hq``.
@@ -102,4 +108,5 @@ def sparse_attention(
         threshold,
         patience,
         scale,
+        row_order,
     )

@@ -183,6 +183,7 @@ def sparse_attention(
     threshold: float = 0.0,
     patience: int = 1,
     scale: float | None = None,
+    row_order: torch.Tensor | None = None,
 ) -> SparseResult:
     """Early-stopping sparse attention, one work unit at a time (see s2o.ops.sparse_attention)."""
     batch, q_heads, num_queries, head_dim = query.shape
@@ -210,15 +211,20 @@ def sparse_attention(
             list_head = kv_head if order_per_kv_head else heads[0]
             keys, values = k[b, kv_head], v[b, kv_head]
             for t in range(num_tiles):
-                rows = range(t * block_m, min((t + 1) * block_m, num_queries))
-                segment = rows[0] // segment_size
+                slots = torch.arange(t * block_m, min((t + 1) * block_m, num_queries), device=dev)
+                segment = int(slots[0]) // segment_size
+                # [unit_heads, tile rows]: each head's rows of this tile.
+                if row_order is None:
+                    rows = slots.expand(unit_heads, -1)
+                else:
+                    rows = row_order[b, heads][:, slots].long().to(dev)
+                head_index = torch.tensor(heads, device=dev)[:, None].expand_as(rows)
                 unit = _OnlineSoftmax(
-                    q[b, heads][:, rows].reshape(unit_heads * len(rows), head_dim) * scale,
-                    torch.arange(rows.start, rows.stop, device=dev).repeat(unit_heads) + q_offset,
+                    q[b, head_index, rows].reshape(-1, head_dim) * scale, rows.flatten() + q_offset
                 )
                 tiles = 0
                 if is_causal:
-                    local_end = min(rows[-1] + q_offset + 1, num_keys)
+                    local_end = min(int(rows.max()) + q_offset + 1, num_keys)
                     for k0 in range(layout.segment_start(segment), local_end, block_n):
                         key_pos = torch.arange(k0, min(k0 + block_n, local_end), device=dev)
                         unit.fold(keys, values, key_pos, masked=True)
@@ -236,8 +242,25 @@ def sparse_attention(
                     if quiet >= patience:
                         break
                 counts[b, h, t] = tiles
-                out[b, heads, rows.start : rows.stop] = unit.output().reshape(
-                    unit_heads, -1, head_dim
-                )
-                lse[b, heads, rows.start : rows.stop] = unit.lse().reshape(unit_heads, -1)
+                out[b, head_index, rows] = unit.output().reshape(*rows.shape, head_dim)
+                lse[b, head_index, rows] = unit.lse().reshape(rows.shape)
     return SparseResult(out, lse, counts, margins)
+
+
+def guided_row_order(
+    query: torch.Tensor, segment_size: int, guide: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A query permutation for ``sparse_attention(row_order=...)``: per query head and segment,
+    the segment's rows by falling projection on a guide vector (ties: lower row first), so that
+    a query tile gathers rows that lean the same way. ``guide`` ``[B, Hq, num_segments, D]``;
+    None: each segment's mean query row of that head. Returns int32 ``[B, Hq, Nq]``."""
+    batch, q_heads, num_queries, head_dim = query.shape
+    q = query.float()
+    order = torch.empty(batch, q_heads, num_queries, dtype=torch.int32, device=query.device)
+    for s, begin in enumerate(range(0, num_queries, segment_size)):
+        rows = q[:, :, begin : begin + segment_size]
+        g = rows.mean(dim=2) if guide is None else guide[:, :, s].float()
+        projection = torch.einsum("bhrd,bhd->bhr", rows, g)
+        ranked = torch.argsort(-projection, dim=-1, stable=True)
+        order[:, :, begin : begin + rows.shape[2]] = (ranked + begin).to(torch.int32)
+    return order

@@ -120,6 +120,7 @@ def run_pipeline(
     patience=1,
     rank_bits=32,
     rank_head=0,
+    row_order=None,
 ):
     """The three ops in sequence; returns (scores, indices, (out, lse, tile_counts))."""
     _, scores = s2o.estimate_importance(
@@ -154,5 +155,6 @@ def run_pipeline(
         block_n=case.block_n,
         threshold=threshold,
         patience=patience,
+        row_order=row_order,
     )
     return scores, indices, result

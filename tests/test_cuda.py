@@ -94,6 +94,17 @@ def test_permute_indices_head_is_equal_to_cpu(case, rank_bits, rank_head):
     assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
 
 
+def test_row_order_is_cpu_only():
+    case = Case(1, 4, 2, 100, 100, 64, 32, 16, 64)
+    _, (q, k, v) = _pair(case, torch.bfloat16)
+    _, indices, _ = run_pipeline(case, q, k, v)
+    row_order = reference.guided_row_order(q, 32)
+    with pytest.raises(RuntimeError, match="only implemented on the CPU"):
+        s2o.sparse_attention(
+            q, k, v, indices, segment_size=32, block_m=16, threshold=0.0, row_order=row_order
+        )
+
+
 def test_permute_indices_head_needs_counting_sort_on_cuda():
     scores = torch.randn(1, 1, 8, device="cuda")
     with pytest.raises(RuntimeError, match="rank_bits <= 12"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import s2o  # noqa: F401
+from s2o import reference
 
 from .conftest import CPU_CASES, HAS_CUDA_KERNELS, make_qkv
 
@@ -60,3 +61,15 @@ def _op_args(case, device):
 def test_opcheck(name, case, device):
     args = _op_args(case, device)[name]
     torch.library.opcheck(getattr(torch.ops.s2o, name).default, args)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.id)
+def test_opcheck_optional_arguments(case):
+    """permute_indices with a ranked head, sparse_attention with a query permutation (CPU)."""
+    args = _op_args(case, "cpu")
+    torch.library.opcheck(torch.ops.s2o.permute_indices.default, (*args["permute_indices"], 100))
+    q = args["sparse_attention"][0]
+    row_order = reference.guided_row_order(q, case.segment_size)
+    torch.library.opcheck(
+        torch.ops.s2o.sparse_attention.default, (*args["sparse_attention"], row_order)
+    )

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import s2o
 from s2o import data, reference
 from s2o.attention import dense_tiles
 from s2o.layout import SegmentLayout
@@ -15,7 +16,9 @@ from .conftest import CPU_CASES, MODES, TOLERANCES, Case, make_qkv, run_pipeline
 DECISION_MARGIN = 1e-3
 
 
-def assert_matches_reference(case, q, k, v, indices, result, *, mode, threshold, patience=1):
+def assert_matches_reference(
+    case, q, k, v, indices, result, *, mode, threshold, patience=1, row_order=None
+):
     out, lse, counts = result
     order_per_kv_head, group_units = MODES[mode]
     ref = reference.sparse_attention(
@@ -32,6 +35,7 @@ def assert_matches_reference(case, q, k, v, indices, result, *, mode, threshold,
         block_n=case.block_n,
         threshold=threshold,
         patience=patience,
+        row_order=row_order,
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -127,6 +131,74 @@ def test_threshold_zero_equals_sdpa(case, dtype, mode):
             local = math.ceil(local_keys / case.block_n)
         history = math.ceil(layout.history_length(seg) / case.block_n)
         assert (counts[..., t] == local + history).all()
+
+
+def _random_row_order(case, generator):
+    """Per (batch, query head), each segment's rows shuffled."""
+    order = torch.empty(case.batch, case.q_heads, case.num_queries, dtype=torch.int32)
+    for begin in range(0, case.num_queries, case.segment_size):
+        end = min(begin + case.segment_size, case.num_queries)
+        for b in range(case.batch):
+            for h in range(case.q_heads):
+                order[b, h, begin:end] = torch.randperm(end - begin, generator=generator) + begin
+    return order
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("order", ["guided", "random"])
+def test_row_order_matches_reference(case, mode, order):
+    q, k, v = make_qkv(case, peaky=True)
+    if order == "guided":
+        row_order = reference.guided_row_order(q, case.segment_size)
+    else:
+        row_order = _random_row_order(case, torch.Generator().manual_seed(1))
+    order_per_kv_head, group_units = MODES[mode]
+    modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
+    _, indices, result = run_pipeline(case, q, k, v, threshold=0.02, row_order=row_order, **modes)
+    assert_matches_reference(
+        case, q, k, v, indices, result, mode=mode, threshold=0.02, row_order=row_order
+    )
+
+
+@pytest.mark.parametrize("case", CPU_CASES[:6], ids=lambda c: c.id)
+def test_row_order_at_threshold_zero_equals_sdpa(case):
+    q, k, v = make_qkv(case)
+    row_order = _random_row_order(case, torch.Generator().manual_seed(2))
+    _, _, (out, _, _) = run_pipeline(case, q, k, v, row_order=row_order)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out, _sdpa_reference(case, q, k, v), atol=atol, rtol=rtol)
+
+
+def test_identity_row_order_changes_nothing():
+    case = CPU_CASES[1]
+    q, k, v = make_qkv(case, peaky=True)
+    identity = torch.arange(case.num_queries, dtype=torch.int32)
+    identity = identity.expand(case.batch, case.q_heads, -1).contiguous()
+    plain = run_pipeline(case, q, k, v, threshold=0.02)[2]
+    ordered = run_pipeline(case, q, k, v, threshold=0.02, row_order=identity)[2]
+    assert all(torch.equal(a, b) for a, b in zip(plain, ordered, strict=True))
+
+
+def test_row_order_errors():
+    case = CPU_CASES[0]
+    q, k, v = make_qkv(case)
+    good = _random_row_order(case, torch.Generator().manual_seed(3))
+    _, indices, _ = run_pipeline(case, q, k, v)
+    kwargs = dict(segment_size=case.segment_size, block_m=case.block_m, block_n=case.block_n)
+    kwargs.update(threshold=0.0)
+    swapped = good.clone()  # rows 0 and 64 trade places: each leaves its segment
+    swapped[0, 0, [0, 64]] = torch.tensor([64, 0], dtype=torch.int32)
+    repeated = good.clone()
+    repeated[0, 1, 5] = repeated[0, 1, 6]
+    for bad, message in [
+        (good.long(), "row_order must be int32"),
+        (good[:, :2], r"row_order must have shape \[B, Hq, Nq\]"),
+        (swapped, "each segment's rows, each once"),
+        (repeated, "each segment's rows, each once"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            s2o.sparse_attention(q, k, v, indices, row_order=bad, **kwargs)
 
 
 STRUCTURED = Case(1, 8, 2, 4096, 4096, 64, 256, 32, 64)
