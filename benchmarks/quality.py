@@ -56,6 +56,7 @@ from benchmarks.common import (  # noqa: E402
 from s2o import data  # noqa: E402
 from s2o.attention import dense_tiles  # noqa: E402
 from s2o.layout import SegmentLayout  # noqa: E402
+from s2o.reference import guided_row_order  # noqa: E402
 
 THRESHOLDS = (0.0, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 ABLATION_THRESHOLDS = (0.003, 0.01, 0.03, 0.1)
@@ -220,11 +221,13 @@ def s2o_curve(
     *,
     name: str = "s2o",
     representative: str | None = None,
+    query_order: str | None = None,
     **config_overrides,
 ) -> list[baselines.CurvePoint]:
     """s2o's points for each threshold. Without ``representative``: ``s2o.attention`` (density
     from its stats); with one: keys scored in Python by alternative_scores, then the ranking and
-    attention ops on those scores."""
+    attention ops on those scores, with the query rows of each tile permuted by ``query_order``
+    (see query_row_order) if given."""
     reference_sq = float(reference.double().square().sum())
     points = []
     for threshold in thresholds:
@@ -244,7 +247,7 @@ def s2o_curve(
             tiles_per_head = stats.dense_tiles / (tile_counts.shape[0] * tile_counts.shape[1])
         else:
             out, tile_counts, tiles_per_head = attention_with_representative(
-                inputs, config, representative
+                inputs, config, representative, query_order
             )
         points.append(
             _s2o_point(name, threshold, out, reference, reference_sq, tile_counts, tiles_per_head)
@@ -307,8 +310,37 @@ def alternative_scores(
     return scores
 
 
+def query_row_order(
+    inputs: Inputs, config: s2o.S2OConfig, scores: torch.Tensor, guide: str
+) -> torch.Tensor:
+    """The query permutation of the paper, for ``sparse_attention(row_order=...)``: each
+    segment's rows of each query head sorted by their projection on a guide vector. Guides:
+    ``mean``: the segment's mean query row of that head; ``top-key``: the history key its
+    ranking puts first (the mean query for the first segment, which has no history)."""
+    q, k = inputs.query, inputs.key
+    if guide == "mean":
+        return guided_row_order(q, config.segment_size)
+    if guide != "top-key":
+        raise ValueError(f"unknown query order guide {guide!r}")
+    layout = SegmentLayout(inputs.length, inputs.length, config.segment_size, 0, True)
+    group = q.shape[1] // k.shape[1]
+    per_list = 1 if config.order_per_kv_head else group  # query heads per ranked list
+    guide_vectors = torch.empty(*q.shape[:2], layout.num_segments, q.shape[-1])
+    for s in range(layout.num_segments):
+        begin, history = layout.history_offset(s), layout.history_length(s)
+        rows = q[:, :, s * config.segment_size : (s + 1) * config.segment_size].float()
+        if history == 0:
+            guide_vectors[:, :, s] = rows.mean(dim=2)
+            continue
+        top = scores[:, :, begin : begin + history].argmax(dim=-1)  # [B, H_ord]
+        top = top.repeat_interleave(group // per_list, dim=1)  # [B, Hq]
+        kv = torch.arange(q.shape[1]) // group
+        guide_vectors[:, :, s] = k[torch.arange(q.shape[0])[:, None], kv[None, :], top].float()
+    return guided_row_order(q, config.segment_size, guide_vectors)
+
+
 def attention_with_representative(
-    inputs: Inputs, config: s2o.S2OConfig, representative: str
+    inputs: Inputs, config: s2o.S2OConfig, representative: str, query_order: str | None = None
 ) -> tuple[torch.Tensor, float]:
     """s2o with Python-computed scores: (out [B, Hq, N, D], tile_counts [B, H_ord, query tiles],
     dense tiles of one ordering head)."""
@@ -322,6 +354,10 @@ def attention_with_representative(
         num_keys=num_tokens,
         segment_size=config.segment_size,
         rank_bits=config.rank_bits,
+        rank_head=config.rank_head,
+    )
+    row_order = (
+        None if query_order is None else query_row_order(inputs, config, scores, query_order)
     )
     block_m = config.resolve_block_m(group)
     out, _, tile_counts = s2o.sparse_attention(
@@ -336,6 +372,7 @@ def attention_with_representative(
         threshold=config.threshold,
         patience=config.patience,
         scale=inputs.scale,
+        row_order=row_order,
     )
     layout = SegmentLayout(num_tokens, num_tokens, config.segment_size, 0, True)
     return out, tile_counts, dense_tiles(layout, block_m, config.block_n)
@@ -566,12 +603,14 @@ def head_kind_table(
 
 @dataclass
 class Variant:
-    """One ablation: S2OConfig overrides, or a representative scored in Python."""
+    """One ablation: S2OConfig overrides, or a representative scored in Python (optionally with
+    the query rows permuted by a guide: ``query_order``)."""
 
     group: str
     label: str
     overrides: dict = field(default_factory=dict)
     representative: str | None = None
+    query_order: str | None = None
 
 
 def ablation_variants(group_size: int = 4) -> list[Variant]:
@@ -601,20 +640,24 @@ def ablation_variants(group_size: int = 4) -> list[Variant]:
         *knob("block_m", (16, 32, 64)),
         Variant("representative", "head-max", representative="head-max"),
         Variant("representative", "sub-mean-max", representative="sub-mean-max"),
+        Variant("query order", "guide: mean query", representative="mean", query_order="mean"),
+        Variant("query order", "guide: top key", representative="mean", query_order="top-key"),
     ]
 
 
-def run_ablations(inputs: Inputs, reference: torch.Tensor, thresholds, floor: float):
-    """Every variant's curve, and per variant its gains over the default curve: the default's
-    MSE / the variant's at matched density and the default's density / the variant's at matched
-    error (geometric means over the points in range; > 1: the variant is better). A variant the
-    device's kernel does not take (the CUDA kernel: block_n 64 only, at most 128 rows per work
-    unit) gets a row saying so."""
+def run_ablations(inputs: Inputs, reference: torch.Tensor, thresholds, floor: float, groups=None):
+    """Every variant's curve (or those of the given groups; the default and the check always
+    run), and per variant its gains over the default curve: the default's MSE / the variant's at
+    matched density and the default's density / the variant's at matched error (geometric means
+    over the points in range; > 1: the variant is better). A variant the device's kernel does not
+    take (the CUDA kernel: block_n 64 only, at most 128 rows per work unit) gets a row saying so."""
     curves, rows = {}, []
     default = None
     group_size = inputs.query.shape[1] // inputs.key.shape[1]
     thresholds = sorted(set(thresholds) | {DEFAULT_THRESHOLD})  # rows report the default's point
     for variant in ablation_variants(group_size):
+        if groups and variant.group not in (*groups, "default", "check"):
+            continue
         start = time.perf_counter()
         try:
             points = s2o_curve(
@@ -623,6 +666,7 @@ def run_ablations(inputs: Inputs, reference: torch.Tensor, thresholds, floor: fl
                 thresholds,
                 name=variant.label,
                 representative=variant.representative,
+                query_order=variant.query_order,
                 **variant.overrides,
             )
         except RuntimeError as error:
@@ -1116,7 +1160,13 @@ def parse_args(argv=None):
         "explicit --thresholds, --s2o-variants still apply",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="*",
+        default=[32768, 65536, 131072],
+        help="lengths of the method comparison (none: only ablations)",
+    )
     parser.add_argument(
         "--kv-groups",
         type=int,
@@ -1140,6 +1190,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--ablation-length", type=int, default=32768, help="0: no ablations")
     parser.add_argument("--ablation-kv-groups", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--ablation-groups",
+        nargs="+",
+        default=None,
+        help="run only these ablation groups (e.g. 'query order'; default: all)",
+    )
     parser.add_argument(
         "--ablation-thresholds", type=float, nargs="+", default=list(ABLATION_THRESHOLDS)
     )
@@ -1216,7 +1272,9 @@ def main(argv=None) -> int:
         floor = float(
             (reference.to(inputs.query.dtype).float() - reference).double().square().mean()
         )
-        curves, ablation_rows = run_ablations(inputs, reference, args.ablation_thresholds, floor)
+        curves, ablation_rows = run_ablations(
+            inputs, reference, args.ablation_thresholds, floor, args.ablation_groups
+        )
         tag = f"N{args.ablation_length}"
         paths = [
             args.out / f"ablations_{tag}.csv",
@@ -1234,7 +1292,7 @@ def main(argv=None) -> int:
         print(
             "Gains > 1: the variant beats the default (MSE at matched density, density at "
             "matched MSE; geometric means over the default's points in range). Query "
-            "permutation is not implemented in the ops and is not ablated.\n"
+            "permutation (query order) runs through the CPU kernel only.\n"
         )
         print(markdown_table(ablation_rows))
 
