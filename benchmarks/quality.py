@@ -354,7 +354,7 @@ def attention_with_representative(
         num_keys=num_tokens,
         segment_size=config.segment_size,
         rank_bits=config.rank_bits,
-        rank_head=config.rank_head,
+        rank_head=config.resolve_rank_head(),
     )
     row_order = (
         None if query_order is None else query_row_order(inputs, config, scores, query_order)

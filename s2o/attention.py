@@ -259,7 +259,7 @@ def attention(
             q_offset,
             is_causal,
             config.rank_bits,
-            config.rank_head,
+            config.resolve_rank_head(),
         )
         del scores
         if clock is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -34,7 +35,8 @@ class S2OConfig:
         rank_head: rank only the head of each segment's list: its ``rank_head`` best keys (and
             keys tied with the last of them); the rest follows in index order, a cheaper write.
             The kernel stops long before the end of a long list, so the order of its tail rarely
-            matters. 0: rank the whole history. On CUDA needs rank_bits <= 12.
+            matters. 0: rank the whole history. None: from the threshold (resolve_rank_head).
+            On CUDA a head needs rank_bits <= 12.
         causal_alignment: where queries sit when ``is_causal`` and Nq < Nk: ``"top_left"``
             (SDPA's is_causal: query i at position i) or ``"bottom_right"`` (queries are the last Nq
             positions: chunked prefill with a KV cache).
@@ -60,15 +62,16 @@ class S2OConfig:
     # bits take CUB's radix sort. On the structured data at 8K it ranks as well as exact fp32 order
     # (density 0.4046 vs 0.4026, relative error 5.55% vs 5.61%).
     rank_bits: int = 12
-    # Rank exactly only the 16384 best keys of each list (256 tiles of 64); the rest follows in
-    # index order. Measured on the structured data (H200, benchmarks/sweep_threshold.py at
-    # thresholds 0.003 / 0.004 / 0.006): at 32K the same density and error as ranking everything;
-    # at 128K the points lie on the full ranking's error-vs-density curve (density 0.1037 / error
-    # 9.17% vs 0.1050 / 9.03% at threshold 0.004), and ranking 8 KV heads takes 1.60 ms instead
-    # of 5.54 ms. 8192 loses accuracy (11.7% error at density 0.086, where ranking everything
-    # gives ~10.3%). Far below the default threshold the kernel may visit more than 256 tiles of
-    # a list: raise rank_head (or set 0) there.
-    rank_head: int = 16384
+    # None: block_n x max(64, 1/threshold) keys, the tile count rounded up to a power of two
+    # (resolve_rank_head): a unit whose tile masses fall along its list stops within about
+    # 1/threshold tiles. 16384 at the default threshold. Measured on the structured data: at 128K
+    # on the H200 (benchmarks/sweep_threshold.py, thresholds 0.003 / 0.004 / 0.006) ranking 16384
+    # keys puts the points on the full ranking's error-vs-density curve (density 0.1037 / error
+    # 9.17% vs 0.1050 / 9.03% at 0.004) and ranks 8 KV heads in 1.60 ms instead of 5.54 ms, while
+    # 8192 loses accuracy (11.7% error at density 0.086, where ranking everything gives ~10.3%);
+    # on the CPU at 16K (8 query heads) the rule's 8192 at threshold 0.01 and 4096 at 0.03 and
+    # 0.1 give the full ranking's density and MSE (within 1.5%), half of them lose.
+    rank_head: int | None = None
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     # H200, Llama-3.1-8B head shape, structured data (benchmarks/attention_speed.py): s2o at the
     # defaults is 1.35x SDPA-flash / 0.69x SDPA-cuDNN at 8K, 1.84x / 0.97x at 16K, 3.03x / 1.81x at
@@ -99,8 +102,10 @@ class S2OConfig:
             raise ValueError("group_units needs ordering='kv_head'")
         if not 1 <= self.rank_bits <= 32:
             raise ValueError(f"rank_bits must be in [1, 32], got {self.rank_bits}")
-        if self.rank_head < 0:
-            raise ValueError(f"rank_head must be >= 0 (0: rank everything), got {self.rank_head}")
+        if self.rank_head is not None and self.rank_head < 0:
+            raise ValueError(
+                f"rank_head must be None or >= 0 (0: rank everything), got {self.rank_head}"
+            )
 
     @property
     def order_per_kv_head(self) -> bool:
@@ -116,6 +121,16 @@ class S2OConfig:
         while self.segment_size % block_m:
             block_m //= 2
         return block_m
+
+    def resolve_rank_head(self) -> int:
+        """rank_head, or for None: block_n x the smallest power of two >= max(64, 1/threshold)
+        tiles (0, everything, at threshold 0)."""
+        if self.rank_head is not None:
+            return self.rank_head
+        if self.threshold == 0:
+            return 0
+        tiles = max(64, math.ceil(1.0 / self.threshold))
+        return self.block_n * (1 << (tiles - 1).bit_length())
 
     def is_strict(self) -> bool:
         return self.strict or os.environ.get("S2O_STRICT", "0") == "1"

@@ -179,6 +179,7 @@ CONFIG_CASES = {
     "block_m": (dict(block_m=48), "block_m must be positive and divide"),
     "threshold": (dict(threshold=-1.0), "threshold must be finite"),
     "rank_bits": (dict(rank_bits=40), "rank_bits must be in"),
+    "rank_head": (dict(rank_head=-1), "rank_head must be None or >= 0"),
     "patience": (dict(patience=0), "patience must be >= 1"),
     "group_units": (dict(ordering="query_head", group_units=True), "group_units needs"),
 }
@@ -189,3 +190,13 @@ def test_bad_config(case):
     kwargs, message = CONFIG_CASES[case]
     with pytest.raises(ValueError, match=message):
         S2OConfig(**kwargs)
+
+
+def test_rank_head_follows_the_threshold():
+    # block_n x (max(64, 1 / threshold) tiles rounded up to a power of two); 0 ranks everything.
+    expected = {0.0: 0, 0.1: 4096, 0.03: 4096, 0.01: 8192, 0.004: 16384, 0.001: 65536}
+    for threshold, rank_head in expected.items():
+        assert S2OConfig(threshold=threshold).resolve_rank_head() == rank_head
+    assert S2OConfig(threshold=0.004, block_n=32).resolve_rank_head() == 8192
+    assert S2OConfig(threshold=0.1, rank_head=0).resolve_rank_head() == 0
+    assert S2OConfig(rank_head=1000).resolve_rank_head() == 1000
