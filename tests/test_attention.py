@@ -66,6 +66,26 @@ def test_default_config_on_structured_data_is_sparse_and_accurate():
     assert set(stats.time_ms) == {"estimate", "permute", "attend"}
 
 
+def test_rank_head_reaches_the_ranking():
+    """A head shorter than the histories changes which keys a unit visits (the tail is in index
+    order), stays accurate at the default threshold, and is exact at threshold 0."""
+    q, k, v = data.structured_qkv(2048, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float32)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def run(**overrides):
+        config = S2OConfig(min_keys=1, **overrides)
+        return s2o.attention(
+            q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
+        )
+
+    everything, _ = run(rank_head=0)
+    head, _ = run(rank_head=256)
+    assert not torch.equal(head, everything)
+    assert ((head - dense).norm() / dense.norm()).item() < 0.10
+    exact, _ = run(rank_head=1, threshold=0.0)
+    torch.testing.assert_close(exact, dense, atol=1e-5, rtol=1e-4)
+
+
 def _fallback_cases():
     q, k, v = _inputs(nk=200, nq=200)
     mask = torch.ones(200, 200, dtype=torch.bool).tril()
