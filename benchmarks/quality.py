@@ -325,6 +325,8 @@ def query_row_order(
     layout = SegmentLayout(inputs.length, inputs.length, config.segment_size, 0, True)
     group = q.shape[1] // k.shape[1]
     per_list = 1 if config.order_per_kv_head else group  # query heads per ranked list
+    batch_index = torch.arange(q.shape[0])[:, None]
+    kv_index = (torch.arange(q.shape[1]) // group)[None, :]  # each query head's KV head
     guide_vectors = torch.empty(*q.shape[:2], layout.num_segments, q.shape[-1])
     for s in range(layout.num_segments):
         begin, history = layout.history_offset(s), layout.history_length(s)
@@ -334,8 +336,7 @@ def query_row_order(
             continue
         top = scores[:, :, begin : begin + history].argmax(dim=-1)  # [B, H_ord]
         top = top.repeat_interleave(group // per_list, dim=1)  # [B, Hq]
-        kv = torch.arange(q.shape[1]) // group
-        guide_vectors[:, :, s] = k[torch.arange(q.shape[0])[:, None], kv[None, :], top].float()
+        guide_vectors[:, :, s] = k[batch_index, kv_index, top].float()
     return guided_row_order(q, config.segment_size, guide_vectors)
 
 

@@ -108,6 +108,17 @@ def make_qkv(case: Case, dtype=torch.float32, device="cpu", contiguous=True, pea
 MODES = {"kvgroup": (True, True), "kvhead": (True, False), "qhead": (False, False)}
 
 
+def layout_kwargs(case: Case) -> dict:
+    """The segment layout arguments of permute_indices (and SegmentLayout) for a case."""
+    return dict(
+        num_queries=case.num_queries,
+        num_keys=case.num_keys,
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+    )
+
+
 def run_pipeline(
     case: Case,
     q,
@@ -132,14 +143,7 @@ def run_pipeline(
         order_per_kv_head=order_per_kv_head,
     )
     indices = s2o.permute_indices(
-        scores,
-        num_queries=case.num_queries,
-        num_keys=case.num_keys,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        rank_bits=rank_bits,
-        rank_head=rank_head,
+        scores, rank_bits=rank_bits, rank_head=rank_head, **layout_kwargs(case)
     )
     result = s2o.sparse_attention(
         q,

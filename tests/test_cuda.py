@@ -9,7 +9,7 @@ import s2o
 from s2o import S2OConfig, data, reference
 from s2o.layout import SegmentLayout
 
-from .conftest import MODES, Case, make_qkv, run_pipeline
+from .conftest import MODES, Case, layout_kwargs, make_qkv, run_pipeline
 
 pytestmark = pytest.mark.cuda
 
@@ -54,42 +54,19 @@ def test_estimate_importance_is_bitwise_equal_to_cpu(case, dtype, order_per_kv_h
     assert torch.equal(scores_c.cpu(), scores)
 
 
+# rank_head 0 ranks everything: radix sort above 12 bits, counting sort below; a head needs the
+# counting sort.
+RANKINGS = [(32, 0), (16, 0), (12, 0), (3, 0)] + [(b, h) for b in (12, 3) for h in (1, 50, 200)]
+
+
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("rank_bits", [32, 16, 12, 3])  # radix sort above 12 bits, counting below
-def test_permute_indices_is_equal_to_cpu(case, rank_bits):
+@pytest.mark.parametrize(("rank_bits", "rank_head"), RANKINGS)
+def test_permute_indices_is_equal_to_cpu(case, rank_bits, rank_head):
     (q, k, _), _ = _pair(case, torch.bfloat16)
     _, scores = s2o.estimate_importance(
         q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
     )
-    kwargs = dict(
-        num_queries=case.num_queries,
-        num_keys=case.num_keys,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        rank_bits=rank_bits,
-    )
-    expected = s2o.permute_indices(scores, **kwargs)
-    assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
-
-
-@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("rank_bits", [12, 3])
-@pytest.mark.parametrize("rank_head", [1, 50, 200])
-def test_permute_indices_head_is_equal_to_cpu(case, rank_bits, rank_head):
-    (q, k, _), _ = _pair(case, torch.bfloat16)
-    _, scores = s2o.estimate_importance(
-        q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
-    )
-    kwargs = dict(
-        num_queries=case.num_queries,
-        num_keys=case.num_keys,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        rank_bits=rank_bits,
-        rank_head=rank_head,
-    )
+    kwargs = dict(rank_bits=rank_bits, rank_head=rank_head, **layout_kwargs(case))
     expected = s2o.permute_indices(scores, **kwargs)
     assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
 

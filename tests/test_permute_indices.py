@@ -5,17 +5,7 @@ import s2o
 from s2o import reference
 from s2o.layout import SegmentLayout
 
-from .conftest import CPU_CASES, make_qkv
-
-
-def _layout_kwargs(case):
-    return dict(
-        num_queries=case.num_queries,
-        num_keys=case.num_keys,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-    )
+from .conftest import CPU_CASES, layout_kwargs, make_qkv
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
@@ -25,12 +15,12 @@ def test_matches_reference_and_is_a_ranked_permutation(case, rank_bits):
     _, scores = s2o.estimate_importance(
         q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
     )
-    indices = s2o.permute_indices(scores, rank_bits=rank_bits, **_layout_kwargs(case))
-    expected = reference.permute_indices(scores, rank_bits=rank_bits, **_layout_kwargs(case))
+    indices = s2o.permute_indices(scores, rank_bits=rank_bits, **layout_kwargs(case))
+    expected = reference.permute_indices(scores, rank_bits=rank_bits, **layout_kwargs(case))
     assert indices.dtype == torch.int32 and indices.shape == scores.shape
     assert torch.equal(indices, expected)
 
-    layout = SegmentLayout(**_layout_kwargs(case))
+    layout = SegmentLayout(**layout_kwargs(case))
     keys = reference.rank_keys(scores, rank_bits)
     for s in range(layout.num_segments):
         begin, length = layout.history_offset(s), layout.history_length(s)
@@ -51,11 +41,11 @@ def test_rank_head_ranks_the_head_and_keeps_the_tail_in_index_order(case, rank_b
     _, scores = s2o.estimate_importance(
         q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
     )
-    kwargs = dict(rank_bits=rank_bits, **_layout_kwargs(case))
+    kwargs = dict(rank_bits=rank_bits, **layout_kwargs(case))
     indices = s2o.permute_indices(scores, rank_head=rank_head, **kwargs)
     assert torch.equal(indices, reference.permute_indices(scores, rank_head=rank_head, **kwargs))
     full = s2o.permute_indices(scores, **kwargs)
-    layout = SegmentLayout(**_layout_kwargs(case))
+    layout = SegmentLayout(**layout_kwargs(case))
     keys = reference.rank_keys(scores, rank_bits)
     for s in range(layout.num_segments):
         begin, length = layout.history_offset(s), layout.history_length(s)
@@ -130,7 +120,7 @@ def test_deterministic():
     case = CPU_CASES[1]
     q, k, _ = make_qkv(case)
     _, scores = s2o.estimate_importance(q, k, segment_size=case.segment_size)
-    first = s2o.permute_indices(scores, **_layout_kwargs(case))
+    first = s2o.permute_indices(scores, **layout_kwargs(case))
     assert all(
-        torch.equal(first, s2o.permute_indices(scores, **_layout_kwargs(case))) for _ in range(3)
+        torch.equal(first, s2o.permute_indices(scores, **layout_kwargs(case))) for _ in range(3)
     )
