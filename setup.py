@@ -8,6 +8,7 @@ TORCH_CUDA_ARCH_LIST defaults to Ampere and Hopper ("8.0;9.0a").
 
 import glob
 import os
+import re
 import shutil
 
 # torch guesses the CUDA toolkit from the nvcc on PATH; a wrapper script there (as on our dev
@@ -50,6 +51,11 @@ def build_cuda() -> bool:
     return found and choice != "0"
 
 
+def builds_sm90a(arch_list: str) -> bool:
+    """Whether TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0a") makes torch compile sm_90a code."""
+    return any(arch.startswith("9.0a") for arch in re.split(r"[;,\s]+", arch_list))
+
+
 def extension():
     here = os.path.dirname(os.path.abspath(__file__))
     csrc = os.path.join(here, "csrc")
@@ -71,11 +77,14 @@ def extension():
             for p in glob.glob(os.path.join(csrc, "cuda", "**", "*.cu"), recursive=True)
         )
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        macros = [("S2O_WITH_CUDA", "1")]
+        if builds_sm90a(os.environ["TORCH_CUDA_ARCH_LIST"]):
+            macros.append(("S2O_WITH_SM90A", "1"))  # the host may launch the wgmma kernel
         return CUDAExtension(
             "s2o._C",
             sources,
             include_dirs=include_dirs,
-            define_macros=[("S2O_WITH_CUDA", "1")],
+            define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )

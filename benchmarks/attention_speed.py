@@ -3,7 +3,9 @@
 B=1, Hq=32, Hkv=8, D=128, bf16, causal, at the given lengths, on the package's structured data and
 on plain random data. Rows: SDPA flash backend (FlashAttention-2), SDPA cuDNN backend,
 FlexAttention with a causal block mask (built from block indices, never an N x N mask), s2o with
-threshold 0 (exact) and s2o at the default config. Columns: median ms of CUDA events after
+threshold 0 (exact) and s2o at the default config; with ``--methods ... s2o-exact-sm80 s2o-sm80``
+the same s2o rows with the mma.sync attention kernel forced (the default on Hopper is the wgmma
+kernel). Columns: median ms of CUDA events after
 warm-up, dense-equivalent TFLOP/s, density, error against fp32 dense attention on sampled query
 blocks, the share of s2o's time in estimate + permute, and peak extra GPU memory (beyond q, k, v
 and the output).
@@ -15,8 +17,10 @@ and the output).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +36,10 @@ from benchmarks.common import print_header, run_header, write_csv, write_json  #
 from s2o import S2OConfig, data  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-METHODS = ("flash", "cudnn", "flex", "s2o-exact", "s2o")
+METHODS = ("flash", "cudnn", "flex", "s2o-exact", "s2o", "s2o-exact-sm80", "s2o-sm80")
+DEFAULT_METHODS = METHODS[:5]
+# Rows named s2o*-sm80 force the mma.sync attention kernel (S2O_ATTENTION_KERNEL=sm80); the plain
+# s2o rows run the default one (the wgmma kernel on Hopper): before and after in one run.
 # Dense-equivalent methods must match fp32 attention to bf16 accuracy on the sampled rows.
 EXACT_TOLERANCE = 2e-2
 SAMPLE_BLOCKS, SAMPLE_ROWS = 16, 128  # query blocks of the fp32 reference, spread over the length
@@ -102,8 +109,35 @@ def flex_causal(n: int):
 
 
 def s2o_config(name: str, config: S2OConfig) -> S2OConfig:
-    """The config of an s2o row: the benchmark's, or it at threshold 0 for ``s2o-exact``."""
-    return dataclasses.replace(config, threshold=0.0) if name == "s2o-exact" else config
+    """The config of an s2o row: the benchmark's, or it at threshold 0 for ``s2o-exact*``."""
+    return dataclasses.replace(config, threshold=0.0) if name.startswith("s2o-exact") else config
+
+
+@contextlib.contextmanager
+def attention_kernel(name: str):
+    """Forces the mma.sync kernel for the ``*-sm80`` rows; the others run the default kernel."""
+    saved = os.environ.get("S2O_ATTENTION_KERNEL")
+    os.environ["S2O_ATTENTION_KERNEL"] = "sm80" if name.endswith("-sm80") else "auto"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["S2O_ATTENTION_KERNEL"]
+        else:
+            os.environ["S2O_ATTENTION_KERNEL"] = saved
+
+
+def s2o_attention(name: str, config: S2OConfig, q, k, v, return_stats=False):
+    with attention_kernel(name):
+        return s2o.attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            enable_gqa=True,
+            config=s2o_config(name, config),
+            return_stats=return_stats,
+        )
 
 
 def method_fn(name: str, n: int, config: S2OConfig):
@@ -117,8 +151,7 @@ def method_fn(name: str, n: int, config: S2OConfig):
         return sdpa
     if name == "flex":
         return flex_causal(n)
-    cfg = s2o_config(name, config)
-    return lambda q, k, v: s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg)
+    return lambda q, k, v: s2o_attention(name, config, q, k, v)
 
 
 def time_ms(fn, args, warmup: int, repeats: int) -> float:
@@ -176,7 +209,7 @@ def run(args, config: S2OConfig) -> list[dict]:
                 mse = float(err.pow(2).mean())
                 rel = float(err.norm() / ref.norm())
                 del out
-                if name != "s2o" and rel > EXACT_TOLERANCE:
+                if name not in ("s2o", "s2o-sm80") and rel > EXACT_TOLERANCE:
                     raise SystemExit(f"{name} at {n} ({kind}): relative error {rel:.3g} vs fp32")
                 ms = time_ms(fn, (q, k, v), warmup=2, repeats=repeats)
                 row = dict(
@@ -190,15 +223,7 @@ def run(args, config: S2OConfig) -> list[dict]:
                     peak_extra_gib=peak_extra_bytes(fn, (q, k, v)) / 2**30,
                 )
                 if name.startswith("s2o"):
-                    _, stats = s2o.attention(
-                        q,
-                        k,
-                        v,
-                        is_causal=True,
-                        enable_gqa=True,
-                        config=s2o_config(name, config),
-                        return_stats=True,
-                    )
+                    _, stats = s2o_attention(name, config, q, k, v, return_stats=True)
                     times = stats.time_ms
                     row["density"] = stats.density
                     row["rank_share"] = (times["estimate"] + times["permute"]) / sum(times.values())
@@ -250,7 +275,7 @@ def print_summary(rows: list[dict]) -> None:
         if name != "s2o":
             continue
         parts = [f"{kind:>10} {n:>7}:"]
-        for base in ("flash", "cudnn", "flex"):
+        for base in ("flash", "cudnn", "flex", "s2o-sm80"):
             if (kind, n, base) in by_key:
                 parts.append(f"{by_key[(kind, n, base)]['ms'] / row['ms']:.2f}x vs {base}")
         print("  ".join(parts))
@@ -264,7 +289,7 @@ def main() -> None:
     parser.add_argument(
         "--data", nargs="+", default=["structured", "random"], choices=["structured", "random"]
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=0, help="timed runs (0: by length)")
     parser.add_argument("--flex-max", type=int, default=65536, help="longest length for flex")
     parser.add_argument("--threshold", type=float, help="s2o row's threshold (default: config's)")

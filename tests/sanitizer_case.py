@@ -6,6 +6,8 @@
 Exits non-zero if a CUDA result differs from the CPU kernels'.
 """
 
+import os
+
 import torch
 
 from .conftest import MODES, Case, make_qkv, run_pipeline
@@ -21,14 +23,18 @@ CASES = [
 
 def main() -> None:
     torch.manual_seed(0)
-    for case in CASES:
-        for order_per_kv_head, group_units in MODES.values():
-            group = case.q_heads // case.kv_heads
-            if group_units and group * case.block_m > 128:
-                continue
-            modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
-            check(case, modes)
-    print("sanitizer case: all kernel variants ran and agree with the CPU")
+    # Both sparse attention kernels where the GPU runs them (the wgmma one needs Hopper).
+    kernels = ["sm80"] + (["sm90"] if torch.cuda.get_device_capability() == (9, 0) else [])
+    for kernel in kernels:
+        os.environ["S2O_ATTENTION_KERNEL"] = kernel
+        for case in CASES:
+            for order_per_kv_head, group_units in MODES.values():
+                group = case.q_heads // case.kv_heads
+                if group_units and group * case.block_m > 128:
+                    continue
+                modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
+                check(case, modes)
+    print(f"sanitizer case: all kernel variants ({', '.join(kernels)}) ran and agree with the CPU")
 
 
 def check(case: Case, modes: dict) -> None:

@@ -29,6 +29,17 @@ DTYPES = [torch.bfloat16, torch.float16]
 # rounds the probabilities to the input dtype before the P V product (as FlashAttention does).
 CUDA_TOLERANCES = {torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
 DECISION_MARGIN = 1e-3
+# The two sparse attention kernels: mma.sync (any GPU) and wgmma (Hopper, sm_90a builds).
+ATTENTION_KERNELS = ["sm80", "sm90"]
+
+
+@pytest.fixture(params=ATTENTION_KERNELS)
+def attention_kernel(request, monkeypatch):
+    """Runs the test with the sparse attention kernel forced through S2O_ATTENTION_KERNEL."""
+    if request.param == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("S2O_ATTENTION_KERNEL", request.param)
+    return request.param
 
 
 def _pair(case, dtype, contiguous=True, peaky=True):
@@ -128,7 +139,7 @@ def test_permute_indices_long_histories_with_ties(rank_bits, is_causal, rank_hea
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("threshold", [0.0, 0.02])
-def test_sparse_attention_matches_cpu(case, dtype, mode, threshold):
+def test_sparse_attention_matches_cpu(case, dtype, mode, threshold, attention_kernel):
     order_per_kv_head, group_units = MODES[mode]
     if group_units and case.q_heads // case.kv_heads * case.block_m > 128:
         pytest.skip("unit larger than the CUDA kernel's 128 rows")
@@ -164,7 +175,7 @@ def test_sparse_attention_matches_cpu(case, dtype, mode, threshold):
 
 @pytest.mark.parametrize("is_causal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 32, 8, 2048, 128), (2, 8, 8, 1500, 64), (1, 8, 1, 777, 128)])
-def test_threshold_zero_matches_sdpa(is_causal, shape):
+def test_threshold_zero_matches_sdpa(is_causal, shape, attention_kernel):
     b, hq, hkv, n, d = shape
     q = torch.randn(b, hq, n, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -176,7 +187,7 @@ def test_threshold_zero_matches_sdpa(is_causal, shape):
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_structured_long_sequence_against_cpu_and_dense():
+def test_structured_long_sequence_against_cpu_and_dense(attention_kernel):
     """At 4K on the structured data (Llama head shape), the GPU computes the CPU kernel's tile
     counts (all but near-threshold units) and stays within the error of the sparse method."""
     q, k, v = data.structured_qkv(4096, dtype=torch.bfloat16, seed=2)
@@ -226,7 +237,7 @@ def test_cuda_graph_capture():
     assert not torch.equal(captured, eager)
 
 
-def test_nan_key_reaches_the_rows_that_attend_to_it():
+def test_nan_key_reaches_the_rows_that_attend_to_it(attention_kernel):
     # A NaN key ranks first, so every row that can see it attends to it and gets NaN; rows of
     # query tiles before its position stay finite. (SDPA's CUDA backends spread it to every row.)
     case = Case(1, 2, 1, 300, 300, 64, 64, 32, 64)
@@ -256,6 +267,18 @@ def test_cuda_input_errors():
     _, indices, _ = run_pipeline(Case(1, 16, 1, 100, 100, 64, 32, 2, 64), q, k, v)
     with pytest.raises(RuntimeError, match="at most 128 rows"):
         s2o.sparse_attention(q, k, v, indices, block_n=64, group_units=True, **kwargs)
+
+
+def test_attention_kernel_choice_is_checked(monkeypatch):
+    case = Case(1, 4, 2, 100, 100, 64, 32, 16, 64)
+    _, (q, k, v) = _pair(case, torch.bfloat16)
+    monkeypatch.setenv("S2O_ATTENTION_KERNEL", "fastest")
+    with pytest.raises(RuntimeError, match="must be auto, sm80 or sm90"):
+        run_pipeline(case, q, k, v)
+    if torch.cuda.get_device_capability() != (9, 0):
+        monkeypatch.setenv("S2O_ATTENTION_KERNEL", "sm90")
+        with pytest.raises(RuntimeError, match="compute capability 9.0"):
+            run_pipeline(case, q, k, v)
 
 
 def test_head_chunking_gives_the_same_result():

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "checks.h"
 #include "message.h"
@@ -14,6 +16,35 @@
 
 namespace s2o {
 namespace {
+
+// Which attention kernel runs: the wgmma kernel on Hopper when the build has sm_90a code, else the
+// mma.sync kernel. S2O_ATTENTION_KERNEL=sm80 forces the mma.sync kernel (on any GPU), =sm90 the
+// wgmma kernel (an error where it cannot run); read on every call so that tests and benchmarks
+// can compare the two in one process.
+bool use_wgmma_kernel(int device) {
+#if defined(S2O_WITH_SM90A)
+  constexpr bool built = true;
+#else
+  constexpr bool built = false;
+#endif
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const bool hopper = major == 9 && minor == 0;
+  const char* choice = std::getenv("S2O_ATTENTION_KERNEL");
+  const std::string kernel = choice == nullptr ? "auto" : choice;
+  if (kernel == "sm80") return false;
+  if (kernel == "sm90") {
+    S2O_CHECK(built, "S2O_ATTENTION_KERNEL=sm90: this build of s2o has no sm_90a code (build with "
+              "TORCH_CUDA_ARCH_LIST containing 9.0a)");
+    S2O_CHECK(hopper, "S2O_ATTENTION_KERNEL=sm90 needs a compute capability 9.0 GPU, got ",
+              major, ".", minor);
+    return true;
+  }
+  S2O_CHECK(kernel == "auto" || kernel.empty(),
+            "S2O_ATTENTION_KERNEL must be auto, sm80 or sm90, got '", kernel, "'");
+  return built && hopper;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
     const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
@@ -72,9 +103,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
   p.tile_counts = tile_counts.mutable_data_ptr<int32_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
+  const bool wgmma = use_wgmma_kernel(query.device().index());
   S2O_DISPATCH_CUDA_ELEMENT(query.scalar_type(), "sparse_attention", [&] {
     S2O_DISPATCH_HEAD_DIM(head_dim, "sparse_attention", [&] {
-      if (unit_heads * block_m <= 64) {
+      const bool small_units = unit_heads * block_m <= 64;
+      if (wgmma && small_units) {
+        launch_sparse_attention_sm90<Element, kHeadDim, 64>(p, stream);
+      } else if (wgmma) {
+        launch_sparse_attention_sm90<Element, kHeadDim, 128>(p, stream);
+      } else if (small_units) {
         launch_sparse_attention<Element, kHeadDim, 64>(p, stream);
       } else {
         launch_sparse_attention<Element, kHeadDim, 128>(p, stream);

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "s2o/attention_tile.cuh"
 #include "s2o/common.cuh"
 #include "s2o/layout.h"
 #include "s2o/params.h"
@@ -74,12 +75,6 @@ struct FragmentOffsets {
   }
 };
 
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 2)
     sparse_attention_kernel(const __grid_constant__ SparseAttentionParams p) {
@@ -87,7 +82,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   constexpr int D = Traits::kHeadDim, kRows = Traits::kRows, kBlockN = Traits::kBlockN;
   constexpr int kThreads = Traits::kThreads, kChunks = Traits::kChunks, kWarps = Traits::kWarps;
   constexpr int kMTiles = Traits::kMTiles, kSubN = Traits::kSubN;
-  constexpr float kNegInf = -INFINITY;
 
   extern __shared__ __align__(128) unsigned char smem[];
   Element* s_q = reinterpret_cast<Element*>(smem);
@@ -98,32 +92,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const SegmentLayout& layout = p.layout;
-  const int q_tile = p.num_q_tiles - 1 - blockIdx.x;  // longest histories first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int first_head = h * p.unit_heads;
-  const int kv_head = first_head / p.group;
-  const int list_head = p.order_per_kv_head ? kv_head : first_head;
-  const int64_t row_begin = int64_t(q_tile) * p.block_m;
-  const int64_t row_end = min(row_begin + p.block_m, layout.num_queries);
-  const int unit_rows = p.unit_heads * p.block_m;
-  const int64_t segment = row_begin / layout.segment_size;
-
-  const int64_t local_begin = layout.segment_start(segment);
-  const int64_t local_end = min(row_end + layout.q_offset, layout.num_keys);
-  const int n_local = layout.is_causal && local_end > local_begin
-                          ? int(ceil_div(local_end - local_begin, kBlockN))
-                          : 0;
-  const int64_t history = layout.history_length(segment);
-  const int n_tiles = n_local + int(ceil_div(history, kBlockN));
-  const int32_t* ranked = p.indices +
-                          (int64_t(b) * p.ordering_heads + list_head) * layout.total_history() +
-                          layout.history_offset(segment);
+  const WorkUnit unit(p, kBlockN);
+  const int b = blockIdx.z;
+  const int n_local = unit.n_local, n_tiles = unit.n_tiles;
+  const int64_t history = unit.history;
+  const int32_t* ranked = unit.ranked;
 
   const Element* q = static_cast<const Element*>(p.query) + b * p.q_strides.batch;
   const Element* k = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
-                     kv_head * p.k_strides.head;
+                     unit.kv_head * p.k_strides.head;
   const Element* v = static_cast<const Element*>(p.value) + b * p.v_strides.batch +
-                     kv_head * p.v_strides.head;
+                     unit.kv_head * p.v_strides.head;
 
   // Index tile u (a history tile) -> s_index[u % 3]; zero past the history's end.
   auto issue_indices = [&](int u) {
@@ -151,10 +130,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   auto issue_kv = [&](int u) {
     if (u >= n_tiles) return;
     const uint32_t stage_bytes = uint32_t((u % 2) * Traits::kTileElements * sizeof(Element));
-    const bool local = u < n_local;
-    const int64_t tile_begin =
-        local ? local_begin + int64_t(u) * kBlockN : int64_t(u - n_local) * kBlockN;
-    const int tile_rows = int(min(int64_t(kBlockN), (local ? local_end : history) - tile_begin));
+    const bool local = unit.is_local(u);
+    const int64_t tile_begin = unit.tile_begin(u, kBlockN);
+    const int tile_rows = unit.tile_keys(u, kBlockN);
     const int32_t* tile_index = s_index + (u % Traits::kIndexStages) * kBlockN;
 #pragma unroll
     for (int i = 0; i < kBlockN / kRowStep; ++i) {
@@ -172,11 +150,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
 #pragma unroll
   for (int c = tid; c < kRows * kChunks; c += kThreads) {
     const int r = c / kChunks, chunk = c % kChunks;
-    const int64_t i = row_begin + r % p.block_m;
-    const bool valid = r < unit_rows && i < row_end;
-    const Element* src =
-        valid ? q + (first_head + r / p.block_m) * p.q_strides.head + i * p.q_strides.row + chunk * 8
-              : q;
+    const int64_t i = unit.row_begin + r % p.block_m;
+    const bool valid = r < unit.unit_rows && i < unit.row_end;
+    const Element* src = valid ? q + (unit.first_head + r / p.block_m) * p.q_strides.head +
+                                     i * p.q_strides.row + chunk * 8
+                               : q;
     cp_async_16(smem_address(s_q + swizzle<D>(r, chunk)), src, valid ? 16 : 0);
   }
   issue_indices(0);
@@ -191,7 +169,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   // position relative to the segment start decides the causal mask of the local tiles.
   const int warp_row = warp * 16 * kMTiles;
   const int quad_col = 2 * (lane % 4);
-  const int tile_row_offset = int(row_begin - segment * layout.segment_size);
+  const int tile_row_offset = int(unit.row_begin - unit.segment * layout.segment_size);
   int row_offset[kMTiles][2];
   uint32_t valid_rows = 0;  // bit 2 * m + x
 #pragma unroll
@@ -200,7 +178,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     for (int x = 0; x < 2; ++x) {
       const int r = warp_row + m * 16 + lane / 4 + 8 * x;
       row_offset[m][x] = tile_row_offset + r % p.block_m;
-      if (r < unit_rows && row_begin + r % p.block_m < row_end) valid_rows |= 1u << (2 * m + x);
+      if (r < unit.unit_rows && unit.row_begin + r % p.block_m < unit.row_end) {
+        valid_rows |= 1u << (2 * m + x);
+      }
     }
   }
 
@@ -220,7 +200,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   float row_max[kMTiles][2], row_mass[kMTiles][2];
 #pragma unroll
   for (int m = 0; m < kMTiles; ++m) {
-    row_max[m][0] = row_max[m][1] = kNegInf;
+    row_max[m][0] = row_max[m][1] = -INFINITY;
     row_mass[m][0] = row_mass[m][1] = 0.0f;
   }
   const bool early_stop = p.threshold > 0.0f;
@@ -247,10 +227,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
 
     // The tile in halves of kSubN keys (half the score registers); the online softmax carries
     // over, and the tile's mass is accumulated in the running frame.
-    const bool local = t < n_local;
-    const int64_t tile_begin =
-        local ? local_begin + int64_t(t) * kBlockN : int64_t(t - n_local) * kBlockN;
-    const int valid_keys = int(min(int64_t(kBlockN), (local ? local_end : history) - tile_begin));
+    const bool local = unit.is_local(t);
+    const int valid_keys = unit.tile_keys(t, kBlockN);
     const bool needs_mask = local || valid_keys < kBlockN;
     float tile_gain[kMTiles][2];
 #pragma unroll
@@ -290,57 +268,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
       if (prescale) {
 #pragma unroll
         for (int m = 0; m < kMTiles; ++m) {
+          int last_key[2];  // of this half's columns; later ones are masked
 #pragma unroll
           for (int x = 0; x < 2; ++x) {
-            // Keys j > last_key of the tile are masked.
             const int own = local ? row_offset[m][x] - t * kBlockN : kBlockN;
-            const int last_key = min(own, valid_keys - 1) - half * kSubN;
-#pragma unroll
-            for (int jn = 0; jn < kSubN / 8; ++jn) {
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                float& value = s[m][jn][2 * x + e];
-                value = jn * 8 + quad_col + e > last_key ? kNegInf : value * p.scale_log2;
-              }
-            }
+            last_key[x] = min(own, valid_keys - 1) - half * kSubN;
           }
+          mask_scores<kSubN>(s[m], last_key, quad_col, p.scale_log2);
         }
       }
 
-      // Online softmax in the log2 domain: new max, probabilities 2^(s * score_scale - max) (one
-      // fma each), mass. alpha rescales the earlier mass and output to the new max.
+      // Online softmax; the tile's mass is accumulated in the running frame.
       float alpha[kMTiles][2];
       bool max_moved = false;
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
-#pragma unroll
-        for (int x = 0; x < 2; ++x) {
-          float sub_max = kNegInf;
-#pragma unroll
-          for (int jn = 0; jn < kSubN / 8; ++jn)
-            sub_max = fmaxf(sub_max, fmaxf(s[m][jn][2 * x], s[m][jn][2 * x + 1]));
-          sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 1));
-          sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 2));
-          const float new_max = fmaxf(row_max[m][x], sub_max * score_scale);
-          const float frame = new_max == kNegInf ? 0.0f : new_max;  // all masked so far
-          alpha[m][x] = fast_exp2(row_max[m][x] - frame);
-          max_moved |= row_max[m][x] != new_max;
-          float gain = 0.0f;
-#pragma unroll
-          for (int jn = 0; jn < kSubN / 8; ++jn) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& value = s[m][jn][2 * x + e];
-              value = fast_exp2(fmaf(value, score_scale, -frame));
-              gain += value;
-            }
-          }
-          gain += __shfl_xor_sync(0xffffffff, gain, 1);
-          gain += __shfl_xor_sync(0xffffffff, gain, 2);
-          row_max[m][x] = new_max;
-          row_mass[m][x] = row_mass[m][x] * alpha[m][x] + gain;
-          tile_gain[m][x] = tile_gain[m][x] * alpha[m][x] + gain;
-        }
+        max_moved |= online_softmax<kSubN>(s[m], row_max[m], row_mass[m], tile_gain[m], alpha[m],
+                                           score_scale);
       }
       // Visited in falling importance, later tiles rarely raise a row's max: then alpha is
       // exactly 1 for all of the warp's rows and the output needs no rescaling.
@@ -359,12 +303,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
       for (int kk = 0; kk < kSubN / 16; ++kk) {
         uint32_t a[kMTiles][4];
 #pragma unroll
-        for (int m = 0; m < kMTiles; ++m) {
-          a[m][0] = pack2<Element>(s[m][2 * kk][0], s[m][2 * kk][1]);
-          a[m][1] = pack2<Element>(s[m][2 * kk][2], s[m][2 * kk][3]);
-          a[m][2] = pack2<Element>(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
-          a[m][3] = pack2<Element>(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
-        }
+        for (int m = 0; m < kMTiles; ++m) pack_probabilities<Element, kSubN>(a[m], s[m], kk);
 #pragma unroll
         for (int dd = 0; dd < D / 16; ++dd) {
           uint32_t vb[4];
@@ -379,15 +318,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     }
 
     // The stop test on the whole tile: did any row get at least `threshold` of its mass from it?
-    // NaN ratios count as quiet, as in the CPU kernel's fmax.
     if (early_stop && !local) {
       bool loud = false;
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
         for (int x = 0; x < 2; ++x) {
-          const bool valid = (valid_rows >> (2 * m + x)) & 1u;
-          loud |= valid && row_mass[m][x] > 0.0f && tile_gain[m][x] / row_mass[m][x] >= p.threshold;
+          loud |= ((valid_rows >> (2 * m + x)) & 1u) &&
+                  row_is_loud(tile_gain[m][x], row_mass[m][x], p.threshold);
         }
       }
       loud = __any_sync(0xffffffff, loud);
@@ -398,7 +336,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   cp_async_wait<0>();
 
   if (tid == 0) {
-    p.tile_counts[(int64_t(b) * p.units + h) * p.num_q_tiles + q_tile] = tiles_done;
+    p.tile_counts[(int64_t(b) * p.units + blockIdx.y) * p.num_q_tiles + unit.q_tile] = tiles_done;
   }
   Element* out = static_cast<Element*>(p.out);
 #pragma unroll
@@ -407,17 +345,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     for (int x = 0; x < 2; ++x) {
       if (!((valid_rows >> (2 * m + x)) & 1u)) continue;
       const int r = warp_row + m * 16 + lane / 4 + 8 * x;
-      const int head = first_head + r / p.block_m;
+      const int head = unit.first_head + r / p.block_m;
       const int64_t row =
-          (int64_t(b) * p.q_heads + head) * layout.num_queries + row_begin + r % p.block_m;
-      const float inv_mass = 1.0f / row_mass[m][x];
-      Element* dst = out + row * D + quad_col;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        *reinterpret_cast<uint32_t*>(dst + dn * 8) =
-            pack2<Element>(o[m][dn][2 * x] * inv_mass, o[m][dn][2 * x + 1] * inv_mass);
-      }
-      if (lane % 4 == 0) p.lse[row] = (row_max[m][x] + log2f(row_mass[m][x])) * 0.69314718055994531f;
+          (int64_t(b) * p.q_heads + head) * layout.num_queries + unit.row_begin + r % p.block_m;
+      store_row<Element, D>(out + row * D, p.lse + row, o[m], x, row_max[m][x], row_mass[m][x],
+                            lane);
     }
   }
 }

@@ -1,0 +1,158 @@
+// Pieces shared by the sparse attention kernels (sparse_attention.cuh for sm_80+ with mma.sync,
+// sparse_attention_sm90.cuh for sm_90a with wgmma): the work unit of a thread block, and the
+// per-thread online softmax on score fragments in the m16n8 accumulator layout (mma.sync's C, and
+// each warp's 16 rows of a wgmma m64 accumulator). Torch-free.
+//
+// Fragment layout: a thread holds rows lane / 4 (x = 0) and lane / 4 + 8 (x = 1) of a 16-row
+// tile; s[j][2 x + e] is the score of column 8 j + 2 (lane % 4) + e.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "s2o/common.cuh"
+#include "s2o/layout.h"
+#include "s2o/params.h"
+
+namespace s2o {
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One thread block's work: block_m query rows of one segment for one query head, or for all G
+// heads of a KV group (group_units), and the key tiles it may visit:
+//   tiles [0, n_local):        the local keys from the segment start, dense, causal mask;
+//   tiles [n_local, n_tiles):  the ranked history, rows gathered through the index list.
+struct WorkUnit {
+  int q_tile, first_head, kv_head, list_head, unit_rows, n_local, n_tiles;
+  int64_t row_begin, row_end, segment, local_begin, local_end, history;
+  const int32_t* ranked;  // [history]: the segment's history keys, ranked
+
+  __device__ __forceinline__ WorkUnit(const SparseAttentionParams& p, int block_n) {
+    const SegmentLayout& layout = p.layout;
+    q_tile = p.num_q_tiles - 1 - int(blockIdx.x);  // longest histories first
+    const int b = blockIdx.z;
+    first_head = int(blockIdx.y) * p.unit_heads;
+    kv_head = first_head / p.group;
+    list_head = p.order_per_kv_head ? kv_head : first_head;
+    row_begin = int64_t(q_tile) * p.block_m;
+    row_end = min(row_begin + p.block_m, layout.num_queries);
+    unit_rows = p.unit_heads * p.block_m;
+    segment = row_begin / layout.segment_size;
+    local_begin = layout.segment_start(segment);
+    local_end = min(row_end + layout.q_offset, layout.num_keys);
+    n_local = layout.is_causal && local_end > local_begin
+                  ? int(ceil_div(local_end - local_begin, block_n))
+                  : 0;
+    history = layout.history_length(segment);
+    n_tiles = n_local + int(ceil_div(history, block_n));
+    ranked = p.indices + (int64_t(b) * p.ordering_heads + list_head) * layout.total_history() +
+             layout.history_offset(segment);
+  }
+
+  __device__ __forceinline__ bool is_local(int t) const { return t < n_local; }
+  // Tile t's first key position (local tiles) or first ranked slot (history tiles).
+  __device__ __forceinline__ int64_t tile_begin(int t, int block_n) const {
+    return is_local(t) ? local_begin + int64_t(t) * block_n : int64_t(t - n_local) * block_n;
+  }
+  // Keys in tile t (block_n except in the last local and the last history tile).
+  __device__ __forceinline__ int tile_keys(int t, int block_n) const {
+    return int(min(int64_t(block_n), (is_local(t) ? local_end : history) - tile_begin(t, block_n)));
+  }
+};
+
+// Scales the scores of one 16-row fragment to the log2 domain and masks, per row x, the columns
+// after last_key[x] to -inf.
+template <int kCols>
+__device__ __forceinline__ void mask_scores(float (&s)[kCols / 8][4], const int (&last_key)[2],
+                                            int quad_col, float scale_log2) {
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+#pragma unroll
+    for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& value = s[j][2 * x + e];
+        value = j * 8 + quad_col + e > last_key[x] ? -INFINITY : value * scale_log2;
+      }
+    }
+  }
+}
+
+// Online softmax step of one 16-row fragment in the log2 domain: the new row max, probabilities
+// 2^(s * score_scale - max) in place of the scores (one fma each), the row mass and the tile's
+// gain in the running frame. alpha[x] rescales the earlier mass and output to the new max.
+// Returns whether a row's max moved (else alpha is exactly 1).
+template <int kCols>
+__device__ __forceinline__ bool online_softmax(float (&s)[kCols / 8][4], float (&row_max)[2],
+                                               float (&row_mass)[2], float (&tile_gain)[2],
+                                               float (&alpha)[2], float score_scale) {
+  bool max_moved = false;
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    float sub_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kCols / 8; ++j) sub_max = fmaxf(sub_max, fmaxf(s[j][2 * x], s[j][2 * x + 1]));
+    sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 1));
+    sub_max = fmaxf(sub_max, __shfl_xor_sync(0xffffffff, sub_max, 2));
+    const float new_max = fmaxf(row_max[x], sub_max * score_scale);
+    const float frame = new_max == -INFINITY ? 0.0f : new_max;  // all masked so far
+    alpha[x] = fast_exp2(row_max[x] - frame);
+    max_moved |= row_max[x] != new_max;
+    float gain = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& value = s[j][2 * x + e];
+        value = fast_exp2(fmaf(value, score_scale, -frame));
+        gain += value;
+      }
+    }
+    gain += __shfl_xor_sync(0xffffffff, gain, 1);
+    gain += __shfl_xor_sync(0xffffffff, gain, 2);
+    row_max[x] = new_max;
+    row_mass[x] = row_mass[x] * alpha[x] + gain;
+    tile_gain[x] = tile_gain[x] * alpha[x] + gain;
+  }
+  return max_moved;
+}
+
+// Probabilities of columns [16 kk, 16 kk + 16) as the A fragment of an m16n8k16 step (the
+// accumulator layout of two n8 blocks is the A layout of one k16 step).
+template <typename Element, int kCols>
+__device__ __forceinline__ void pack_probabilities(uint32_t (&a)[4], const float (&s)[kCols / 8][4],
+                                                   int kk) {
+  a[0] = pack2<Element>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2<Element>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2<Element>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2<Element>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Whether row x got at least `threshold` of its mass from the tile. NaN ratios count as quiet, as
+// in the CPU kernel's fmax.
+__device__ __forceinline__ bool row_is_loud(float tile_gain, float row_mass, float threshold) {
+  return row_mass > 0.0f && tile_gain / row_mass >= threshold;
+}
+
+// Writes this thread's row x of a 16-row output fragment o (D columns): out = O / mass, and the
+// row's log-sum-exp (natural log).
+template <typename Element, int D>
+__device__ __forceinline__ void store_row(Element* out_row, float* lse, const float (&o)[D / 8][4],
+                                          int x, float row_max, float row_mass, int lane) {
+  const float inv_mass = 1.0f / row_mass;
+  Element* dst = out_row + 2 * (lane % 4);
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    *reinterpret_cast<uint32_t*>(dst + dn * 8) =
+        pack2<Element>(o[dn][2 * x] * inv_mass, o[dn][2 * x + 1] * inv_mass);
+  }
+  if (lane % 4 == 0) *lse = (row_max + log2f(row_mass)) * 0.69314718055994531f;
+}
+
+}  // namespace s2o

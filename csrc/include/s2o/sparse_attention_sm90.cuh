@@ -1,0 +1,271 @@
+// The early-stopping sparse attention kernel for Hopper (sm_90a, wgmma). Torch-free.
+//
+// Same function as sparse_attention.cuh (the sm_80 kernel; its header explains work units, tiles
+// and the stop rule), with the two GEMMs of each tile on warpgroup MMAs: one warpgroup per 64 rows
+// of the unit (kRows = 64 or 128), S = Q K^T as wgmma m64n64k16 from shared memory, the online
+// softmax on the accumulator registers, and O += P V as wgmma m64nDk16 with P from registers.
+// K/V rows are gathered through the index list with cp.async, double-buffered, into the 128-byte
+// swizzled layout of wgmma.cuh.
+//
+// Pipeline per tile t (one barrier per tile): wait for tile t's K/V and tile t+1's indices; decide
+// whether tile t-1 stopped the unit; issue tile t+2's indices and tile t+1's K/V; compute tile t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "s2o/attention_tile.cuh"
+#include "s2o/common.cuh"
+#include "s2o/layout.h"
+#include "s2o/params.h"
+#include "s2o/wgmma.cuh"
+
+namespace s2o {
+
+template <typename Element_, int kHeadDim_, int kRows_>
+struct Sm90AttentionTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRows = kRows_;           // query rows per block (unit rows, padded)
+  static constexpr int kBlockN = kCudaBlockN;    // keys per tile (the op's block_n)
+  static constexpr int kWarpGroups = kRows / 64;  // one wgmma m64 row block each
+  static constexpr int kThreads = kWarpGroups * 128;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kChunks = kHeadDim / 8;   // 16-byte chunks per row
+  static constexpr int kIndexStages = 3;         // index tiles in flight: t+1 in use, t+2 loading
+  static constexpr int kQBytes = kRows * kHeadDim * 2;
+  static constexpr int kTileBytes = kBlockN * kHeadDim * 2;
+  // Q, then K and V double-buffered: 1024-byte aligned for the swizzle atoms.
+  static constexpr int kSmemBytes = 1024 + kQBytes + 4 * kTileBytes + kIndexStages * kBlockN * 4 +
+                                    2 * kWarps * 4;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma N of the P V product");
+  static_assert(kRows == 64 || kRows == 128, "64 or 128 rows per block");
+  static_assert(kBlockN == 64, "the S = Q K^T product is one m64n64 wgmma per k step");
+  static_assert(kRows <= kCudaMaxUnitRows, "a block holds one work unit");
+};
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 2)
+    sparse_attention_sm90_kernel(const __grid_constant__ SparseAttentionParams p) {
+#if defined(S2O_WGMMA_ENABLED)
+  using Element = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, kRows = Traits::kRows, kBlockN = Traits::kBlockN;
+  constexpr int kThreads = Traits::kThreads, kChunks = Traits::kChunks, kWarps = Traits::kWarps;
+
+  extern __shared__ unsigned char smem_raw[];
+  // Dynamic shared memory is only 16-byte aligned by contract: round up to the swizzle atom.
+  unsigned char* smem = smem_raw + ((1024 - smem_address(smem_raw) % 1024) % 1024);
+  const uint32_t s_q = smem_address(smem);
+  const uint32_t s_k = s_q + Traits::kQBytes;            // [2] tiles
+  const uint32_t s_v = s_k + 2 * Traits::kTileBytes;     // [2] tiles
+  int32_t* s_index = reinterpret_cast<int32_t*>(smem + Traits::kQBytes + 4 * Traits::kTileBytes);
+  int* s_loud = s_index + Traits::kIndexStages * kBlockN;  // [2][kWarps]: a row was not quiet
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const SegmentLayout& layout = p.layout;
+  const WorkUnit unit(p, kBlockN);
+  const int b = blockIdx.z;
+  const Element* q = static_cast<const Element*>(p.query) + b * p.q_strides.batch;
+  const Element* k = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
+                     unit.kv_head * p.k_strides.head;
+  const Element* v = static_cast<const Element*>(p.value) + b * p.v_strides.batch +
+                     unit.kv_head * p.v_strides.head;
+
+  // Index tile u (a history tile) -> s_index[u % 3]; zero past the history's end.
+  auto issue_indices = [&](int u) {
+    if (u < unit.n_local || u >= unit.n_tiles || tid >= kBlockN) return;
+    const int64_t slot = int64_t(u - unit.n_local) * kBlockN + tid;
+    const bool valid = slot < unit.history;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                     smem_address(s_index + (u % Traits::kIndexStages) * kBlockN + tid)),
+                 "l"(valid ? unit.ranked + slot : unit.ranked), "r"(valid ? 4 : 0));
+  };
+  // K and V rows of tile u -> stage u % 2; rows past the tile's end are zero-filled. Each thread
+  // copies one 16-byte chunk column of rows kv_row0 + i * kRowStep: its swizzle phase is fixed.
+  constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRowStep % 8 == 0 && kBlockN % kRowStep == 0,
+                "whole rows per pass, one swizzle phase per thread");
+  const int kv_row0 = tid / kChunks, kv_chunk = tid % kChunks;
+  const uint32_t kv_dst0 = swizzle128<kBlockN>(kv_row0, kv_chunk);
+  const Element* k_col = k + kv_chunk * 8;
+  const Element* v_col = v + kv_chunk * 8;
+  const int64_t k_row_stride = p.k_strides.row, v_row_stride = p.v_strides.row;
+  const uint32_t num_keys = uint32_t(layout.num_keys);
+  auto issue_kv = [&](int u) {
+    if (u >= unit.n_tiles) return;
+    const uint32_t stage_bytes = uint32_t((u % 2) * Traits::kTileBytes);
+    const bool local = unit.is_local(u);
+    const int64_t tile_begin = unit.tile_begin(u, kBlockN);
+    const int tile_rows = unit.tile_keys(u, kBlockN);
+    const int32_t* tile_index = s_index + (u % Traits::kIndexStages) * kBlockN;
+#pragma unroll
+    for (int i = 0; i < kBlockN / kRowStep; ++i) {
+      const int j = kv_row0 + i * kRowStep;
+      const bool valid = j < tile_rows;
+      uint32_t key = local ? uint32_t(tile_begin + j) : uint32_t(tile_index[j]);
+      key = valid && key < num_keys ? key : 0u;  // also memory safety for bad indices
+      const uint32_t dst = kv_dst0 + uint32_t(i * kRowStep * 128) + stage_bytes;
+      cp_async_16(s_k + dst, k_col + int64_t(key) * k_row_stride, valid ? 16 : 0);
+      cp_async_16(s_v + dst, v_col + int64_t(key) * v_row_stride, valid ? 16 : 0);
+    }
+  };
+
+  // Query rows (padding rows zero) and the first index tiles.
+#pragma unroll
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, chunk = c % kChunks;
+    const int64_t i = unit.row_begin + r % p.block_m;
+    const bool valid = r < unit.unit_rows && i < unit.row_end;
+    const Element* src = valid ? q + (unit.first_head + r / p.block_m) * p.q_strides.head +
+                                     i * p.q_strides.row + chunk * 8
+                               : q;
+    cp_async_16(s_q + swizzle128<kRows>(r, chunk), src, valid ? 16 : 0);
+  }
+  issue_indices(0);
+  issue_indices(1);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  issue_kv(0);
+  cp_async_commit();
+
+  // This thread's rows: warp w holds rows 16 w + lane / 4 and 16 w + lane / 4 + 8 of the block
+  // (warpgroup w / 4 computes rows 64 (w / 4) .. + 64). A row's position relative to the segment
+  // start decides the causal mask of the local tiles.
+  const int warp_row = warp * 16;
+  const int quad_col = 2 * (lane % 4);
+  const int tile_row_offset = int(unit.row_begin - unit.segment * layout.segment_size);
+  int row_offset[2];
+  uint32_t valid_rows = 0;  // bit x
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    const int r = warp_row + lane / 4 + 8 * x;
+    row_offset[x] = tile_row_offset + r % p.block_m;
+    if (r < unit.unit_rows && unit.row_begin + r % p.block_m < unit.row_end) valid_rows |= 1u << x;
+  }
+
+  // Descriptors: this warpgroup's 64 query rows and a K/V stage; k steps advance the start address
+  // (32 bytes per 16 columns inside a 128-byte column block, then the next block).
+  const uint32_t q_rows = s_q + uint32_t((warp / 4) * 64 * 128);
+  auto qk_offset = [](int step, int tile_rows) {
+    return uint32_t((step / 4) * tile_rows * 128 + (step % 4) * 32);
+  };
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_mass[2] = {0.0f, 0.0f};
+  const bool early_stop = p.threshold > 0.0f;
+  const bool positive_scale = p.scale_log2 > 0.0f;
+  int quiet_tiles = 0, tiles_done = 0;
+
+  for (int t = 0; t < unit.n_tiles; ++t) {
+    cp_async_wait<0>();
+    fence_proxy_async();  // the gathered tile is read by wgmma (the async proxy)
+    __syncthreads();
+    if (early_stop && t > unit.n_local) {  // tile t-1 was a history tile: did it stop the unit?
+      bool loud = false;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) loud |= s_loud[((t - 1) % 2) * kWarps + w] != 0;
+      quiet_tiles = loud ? 0 : quiet_tiles + 1;
+      if (quiet_tiles >= p.patience) break;
+    }
+    issue_indices(t + 2);
+    issue_kv(t + 1);
+    cp_async_commit();
+
+    const int stage = t % 2;
+    const uint32_t k_tile = s_k + stage * Traits::kTileBytes;
+    const uint32_t v_tile = s_v + stage * Traits::kTileBytes;
+
+    // S = Q K^T for the warpgroup's 64 rows x 64 keys.
+    float s[kBlockN / 8][4];
+    float(&s_flat)[kBlockN / 2] = reinterpret_cast<float(&)[kBlockN / 2]>(s);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < D / 16; ++step) {
+      wgmma_m64n64k16_ss<Element>(
+          s_flat, swizzle128_descriptor(q_rows + qk_offset(step, kRows), 16, 1024),
+          swizzle128_descriptor(k_tile + qk_offset(step, kBlockN), 16, 1024), step > 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(s_flat);
+
+    // Full history tiles keep raw scores and fold the scale into the exponent's fma; tiles that
+    // need a mask (keys past the tile's end; on local tiles, keys after the row's position), or
+    // a non-positive scale, are scaled first and masked to -inf.
+    const bool local = unit.is_local(t);
+    const int valid_keys = unit.tile_keys(t, kBlockN);
+    const bool prescale = local || valid_keys < kBlockN || !positive_scale;
+    const float score_scale = prescale ? 1.0f : p.scale_log2;
+    if (prescale) {
+      int last_key[2];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        const int own = local ? row_offset[x] - t * kBlockN : kBlockN;
+        last_key[x] = min(own, valid_keys - 1);
+      }
+      mask_scores<kBlockN>(s, last_key, quad_col, p.scale_log2);
+    }
+    float tile_gain[2] = {0.0f, 0.0f}, alpha[2];
+    const bool max_moved = online_softmax<kBlockN>(s, row_max, row_mass, tile_gain, alpha, score_scale);
+    // Visited in falling importance, later tiles rarely raise a row's max: then alpha is exactly
+    // 1 for all of the warp's rows and the output needs no rescaling.
+    if (__any_sync(0xffffffff, max_moved)) {
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[dn][e] *= alpha[e / 2];
+    }
+
+    // O += P V: P from registers, V [keys][D] as the MN-major B operand (16 keys per k step).
+    uint32_t a[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) pack_probabilities<Element, kBlockN>(a[kk], s, kk);
+    float(&o_flat)[D / 2] = reinterpret_cast<float(&)[D / 2]>(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      wgmma_rs<Element, D>(o_flat, a[kk],
+                           swizzle128_descriptor(v_tile + uint32_t(kk * 16 * 128),
+                                                 kBlockN * 128, 1024));
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(o_flat);
+
+    // The stop test on the whole tile: did any row get at least `threshold` of its mass from it?
+    if (early_stop && !local) {
+      bool loud = false;
+#pragma unroll
+      for (int x = 0; x < 2; ++x)
+        loud |= ((valid_rows >> x) & 1u) && row_is_loud(tile_gain[x], row_mass[x], p.threshold);
+      loud = __any_sync(0xffffffff, loud);
+      if (lane == 0) s_loud[stage * kWarps + warp] = loud;
+    }
+    tiles_done = t + 1;
+  }
+  cp_async_wait<0>();
+
+  if (tid == 0) {
+    p.tile_counts[(int64_t(b) * p.units + blockIdx.y) * p.num_q_tiles + unit.q_tile] = tiles_done;
+  }
+  Element* out = static_cast<Element*>(p.out);
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    if (!((valid_rows >> x) & 1u)) continue;
+    const int r = warp_row + lane / 4 + 8 * x;
+    const int head = unit.first_head + r / p.block_m;
+    const int64_t row =
+        (int64_t(b) * p.q_heads + head) * layout.num_queries + unit.row_begin + r % p.block_m;
+    store_row<Element, D>(out + row * D, p.lse + row, o, x, row_max[x], row_mass[x], lane);
+  }
+#else
+  __trap();  // built without sm_90a: the host never launches this kernel then
+#endif
+}
+
+}  // namespace s2o
