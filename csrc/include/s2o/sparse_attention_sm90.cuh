@@ -146,9 +146,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     if (r < unit.unit_rows && unit.row_begin + r % p.block_m < unit.row_end) valid_rows |= 1u << x;
   }
 
-  // Descriptors: this warpgroup's 64 query rows and a K/V stage; k steps advance the start address
-  // (32 bytes per 16 columns inside a 128-byte column block, then the next block).
-  const uint32_t q_rows = s_q + uint32_t((warp / 4) * 64 * 128);
+  // Descriptors of this warpgroup's 64 query rows and of the K and V tiles of stage 0. K steps
+  // move the start address: 32 bytes per 16 columns inside a 128-byte column block, then to the
+  // next block.
+  const Swizzle128Descriptor q_desc(s_q + uint32_t((warp / 4) * 64 * 128), 16, 1024);
+  const Swizzle128Descriptor k_desc(s_k, 16, 1024);
+  const Swizzle128Descriptor v_desc(s_v, kBlockN * 128, 1024);
   auto qk_offset = [](int step, int tile_rows) {
     return uint32_t((step / 4) * tile_rows * 128 + (step % 4) * 32);
   };
@@ -177,8 +180,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     cp_async_commit();
 
     const int stage = t % 2;
-    const uint32_t k_tile = s_k + stage * Traits::kTileBytes;
-    const uint32_t v_tile = s_v + stage * Traits::kTileBytes;
+    const uint32_t stage_bytes = uint32_t(stage * Traits::kTileBytes);
 
     // S = Q K^T for the warpgroup's 64 rows x 64 keys.
     float s[kBlockN / 8][4];
@@ -186,9 +188,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < D / 16; ++step) {
-      wgmma_m64n64k16_ss<Element>(
-          s_flat, swizzle128_descriptor(q_rows + qk_offset(step, kRows), 16, 1024),
-          swizzle128_descriptor(k_tile + qk_offset(step, kBlockN), 16, 1024), step > 0);
+      wgmma_m64n64k16_ss<Element>(s_flat, q_desc.at(qk_offset(step, kRows)),
+                                  k_desc.at(stage_bytes + qk_offset(step, kBlockN)), step > 0);
     }
     wgmma_commit();
     wgmma_wait_all();
@@ -229,9 +230,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      wgmma_rs<Element, D>(o_flat, a[kk],
-                           swizzle128_descriptor(v_tile + uint32_t(kk * 16 * 128),
-                                                 kBlockN * 128, 1024));
+      wgmma_rs<Element, D>(o_flat, a[kk], v_desc.at(stage_bytes + uint32_t(kk * 16 * 128)));
     }
     wgmma_commit();
     wgmma_wait_all();

@@ -30,11 +30,21 @@ __device__ __forceinline__ uint32_t swizzle128(int row, int chunk) {
 // stride byte offsets (PTX ISA, "Matrix Descriptor Format"; all in 16-byte units).
 // K-major: stride = 1024 (the next 8 rows), leading unused (1 by convention).
 // MN-major: stride = 1024 (the next 8 rows of the reduction), leading = the next column block.
-__device__ __forceinline__ uint64_t swizzle128_descriptor(uint32_t address, uint32_t leading_bytes,
-                                                          uint32_t stride_bytes) {
-  return uint64_t((address & 0x3FFFF) >> 4) | uint64_t((leading_bytes >> 4) & 0x3FFF) << 16 |
-         uint64_t((stride_bytes >> 4) & 0x3FFF) << 32 | uint64_t(1) << 62;
-}
+// Kept as two words so that moving the start address is one 32-bit add: shared addresses stay
+// below 256 KiB, so the 14-bit address field never carries into the leading offset.
+struct Swizzle128Descriptor {
+  uint32_t low, high;
+
+  __device__ __forceinline__ Swizzle128Descriptor(uint32_t address, uint32_t leading_bytes,
+                                                  uint32_t stride_bytes)
+      : low(((address & 0x3FFFF) >> 4) | ((leading_bytes >> 4) & 0x3FFF) << 16),
+        high(((stride_bytes >> 4) & 0x3FFF) | 1u << 30) {}
+
+  // The same matrix `bytes` further on (a multiple of 16).
+  __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
+    return uint64_t(high) << 32 | (low + (bytes >> 4));
+  }
+};
 
 #if defined(S2O_WGMMA_ENABLED)
 
