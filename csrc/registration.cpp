@@ -14,11 +14,12 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(s2o, m) {
   // Per segment of segment_size query rows, the fp32 mean of its query rows (pooled over the G
-  // query heads of a group when order_per_kv_head) and its dot product with every history key.
+  // query heads of a group when order_per_kv_head) and its dot product with every history key,
+  // plus variance_weight times the rows' per-dimension variance dotted with the key squared.
   // Returns (representatives [B, H_ord, num_segments, D] fp32, scores [B, H_ord, T] fp32).
   m.def(
       "estimate_importance(Tensor query, Tensor key, int segment_size, int q_offset, bool is_causal, "
-      "bool order_per_kv_head) -> (Tensor, Tensor)");
+      "bool order_per_kv_head, float variance_weight=0.0) -> (Tensor, Tensor)");
   // Per segment, the history keys ranked by falling score (top rank_bits bits of an
   // order-preserving integer map; ties: lower key index first). With rank_head > 0 only the head
   // is ranked: the rank_head best keys and every key tied with the last of them, then the rest in

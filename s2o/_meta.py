@@ -15,7 +15,9 @@ def _ordering_heads(query: torch.Tensor, key: torch.Tensor, order_per_kv_head: b
 
 
 @torch.library.register_fake("s2o::estimate_importance")
-def _estimate_importance_fake(query, key, segment_size, q_offset, is_causal, order_per_kv_head):
+def _estimate_importance_fake(
+    query, key, segment_size, q_offset, is_causal, order_per_kv_head, variance_weight=0.0
+):
     layout = SegmentLayout(query.shape[2], key.shape[2], segment_size, q_offset, is_causal)
     heads = _ordering_heads(query, key, order_per_kv_head)
     batch, head_dim = query.shape[0], query.shape[3]

@@ -241,13 +241,15 @@ def attention(
     # Scores and ranked indices grow with the square of the length: rank and attend a few KV
     # heads at a time so that their scratch stays within config.workspace_bytes.
     chunks = _kv_head_chunks(key.shape[0], key.shape[1], group if not per_kv else 1, layout, config)
+    softmax_scale = scale if scale is not None else query.shape[-1] ** -0.5
+    variance_weight = config.score_variance * softmax_scale
     out = query.new_empty(query.shape) if len(chunks) > 1 else None
     all_counts = []
     for kv_begin, kv_end in chunks:
         q_chunk = query[:, kv_begin * group : kv_end * group]
         k_chunk, v_chunk = key[:, kv_begin:kv_end], value[:, kv_begin:kv_end]
         _, scores = torch.ops.s2o.estimate_importance(
-            q_chunk, k_chunk, config.segment_size, q_offset, is_causal, per_kv
+            q_chunk, k_chunk, config.segment_size, q_offset, is_causal, per_kv, variance_weight
         )
         if clock is not None:
             clock.lap("estimate")

@@ -37,6 +37,10 @@ class S2OConfig:
             The kernel stops long before the end of a long list, so the order of its tail rarely
             matters. 0: rank the whole history. None: from the threshold (resolve_rank_head).
             On CUDA a head needs rank_bits <= 12.
+        score_variance: weight of the second-order term of the importance estimate (the rows'
+            per-dimension variance against the key squared), in units of the softmax scale; 0.5
+            is the Gaussian estimate of what a segment spends on a key. 0: the mean query alone.
+            CPU only so far (CUDA raises).
         causal_alignment: where queries sit when ``is_causal`` and Nq < Nk: ``"top_left"``
             (SDPA's is_causal: query i at position i) or ``"bottom_right"`` (queries are the last Nq
             positions: chunked prefill with a KV cache).
@@ -72,6 +76,13 @@ class S2OConfig:
     # on the CPU at 16K (8 query heads) the rule's 8192 at threshold 0.01 and 4096 at 0.03 and
     # 0.1 give the full ranking's density and MSE (within 1.5%), half of them lose.
     rank_head: int | None = None
+    # [ours] Weight of the variance term of the importance estimate, in units of the softmax scale:
+    # estimate_importance gets variance_weight = score_variance * scale. 0 ranks by the mean
+    # query alone (the paper's estimate); 0.5 is the Gaussian second-order estimate of what the
+    # segment's rows spend on a key. CPU, structured data, 16K (8 query heads): 0.5 raises the
+    # density ratio against pbs-qseg at matched error from 1.40x to 1.99x (32K: 1.33x to 2.02x).
+    # Off until the CUDA kernel computes it too.
+    score_variance: float = 0.0
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     # H200, Llama-3.1-8B head shape, structured data (benchmarks/attention_speed.py): s2o at the
     # defaults is 1.35x SDPA-flash / 0.69x SDPA-cuDNN at 8K, 1.84x / 0.97x at 16K, 3.03x / 1.81x at
@@ -102,6 +113,8 @@ class S2OConfig:
             raise ValueError("group_units needs ordering='kv_head'")
         if not 1 <= self.rank_bits <= 32:
             raise ValueError(f"rank_bits must be in [1, 32], got {self.rank_bits}")
+        if not (math.isfinite(self.score_variance) and self.score_variance >= 0):
+            raise ValueError(f"score_variance must be finite and >= 0, got {self.score_variance}")
         if self.rank_head is not None and self.rank_head < 0:
             raise ValueError(
                 f"rank_head must be None or >= 0 (0: rank everything), got {self.rank_head}"

@@ -18,16 +18,20 @@ def estimate_importance(
     q_offset: int = 0,
     is_causal: bool = True,
     order_per_kv_head: bool = True,
+    variance_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores every history key of every query segment.
 
     The representative of a segment is the fp32 mean of its query rows (pooled over the G query
     heads of a KV group when ``order_per_kv_head``); a key's score is its dot product with it.
+    With ``variance_weight`` w > 0 the score adds ``w * sum_d var[d] * k[d]^2``, ``var`` the rows'
+    per-dimension variance: w = scale / 2 makes ``scale * score`` the Gaussian estimate of
+    ``log sum_i exp(scale * q_i . k)``, what the segment's rows spend on the key (CPU only so far).
 
     Returns ``(representatives [B, H_ord, num_segments, D] fp32, scores [B, H_ord, T] fp32)``.
     """
     return torch.ops.s2o.estimate_importance(
-        query, key, segment_size, q_offset, is_causal, order_per_kv_head
+        query, key, segment_size, q_offset, is_causal, order_per_kv_head, variance_weight
     )
 
 

@@ -58,8 +58,11 @@ def estimate_importance(
     q_offset: int = 0,
     is_causal: bool = True,
     order_per_kv_head: bool = True,
+    variance_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment representatives (mean query rows) and their dot products with the history keys.
+    """Segment representatives (mean query rows) and their dot products with the history keys,
+    plus ``variance_weight * sum_d var[d] * k[d]^2`` with ``var`` the per-dimension variance of the
+    segment's rows (pooled like the mean; see ``s2o.ops.estimate_importance``).
 
     Returns ``(representatives [B, H_ord, num_segments, D], scores [B, H_ord, T])`` in fp32.
     """
@@ -73,12 +76,16 @@ def estimate_importance(
     for s in range(layout.num_segments):
         rows = q[:, :, layout.segment_rows(s)]
         if order_per_kv_head:
-            rep = rows.reshape(batch, kv_heads, group, -1, head_dim).mean(dim=(2, 3))
-        else:
-            rep = rows.mean(dim=2)
+            rows = rows.reshape(batch, kv_heads, -1, head_dim)
+        rep = rows.mean(dim=2)
         reps.append(rep)
         history = layout.history_length(s)
-        scores.append(torch.einsum("bhd,bhnd->bhn", rep, k[:, :, :history]))
+        keys = k[:, :, :history]
+        score = torch.einsum("bhd,bhnd->bhn", rep, keys)
+        if variance_weight > 0:
+            variance = (rows - rep.unsqueeze(2)).square().mean(dim=2)
+            score = score + variance_weight * torch.einsum("bhd,bhnd->bhn", variance, keys.square())
+        scores.append(score)
     return torch.stack(reps, dim=2), torch.cat(scores, dim=-1)
 
 

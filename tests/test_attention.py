@@ -86,6 +86,23 @@ def test_rank_head_reaches_the_ranking():
     torch.testing.assert_close(exact, dense, atol=1e-5, rtol=1e-4)
 
 
+def test_score_variance_reaches_the_ranking():
+    """The variance term changes which keys a unit visits, stays accurate at the default
+    threshold, and is exact at threshold 0 (CPU; the CUDA estimate does not take it yet)."""
+    q, k, v = data.structured_qkv(2048, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float32)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def run(**overrides):
+        config = S2OConfig(min_keys=1, **overrides)
+        return s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+
+    plain, spread = run(), run(score_variance=0.5)
+    assert not torch.equal(spread, plain)
+    assert ((spread - dense).norm() / dense.norm()).item() < 0.10
+    exact = run(score_variance=0.5, threshold=0.0)
+    torch.testing.assert_close(exact, dense, atol=1e-5, rtol=1e-4)
+
+
 def _fallback_cases():
     q, k, v = _inputs(nk=200, nq=200)
     mask = torch.ones(200, 200, dtype=torch.bool).tril()

@@ -256,6 +256,10 @@ def test_cuda_input_errors():
         s2o.estimate_importance(q, k, segment_size=32)
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
         s2o.estimate_importance(q.float(), k.float(), segment_size=32)
+    q64 = torch.randn(1, 4, 100, 64, device="cuda", dtype=torch.bfloat16)
+    k64 = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="variance_weight > 0 is only implemented on the CPU"):
+        s2o.estimate_importance(q64, k64, segment_size=32, variance_weight=0.1)
     case = Case(1, 4, 2, 100, 100, 64, 32, 16, 64)
     _, (q, k, v) = _pair(case, torch.bfloat16)
     _, indices, _ = run_pipeline(case, q, k, v)

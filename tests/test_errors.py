@@ -119,6 +119,13 @@ def test_bad_q_offset(q_offset):
         _estimate(q_short, k, q_offset=11)
 
 
+@pytest.mark.parametrize("weight", [-0.5, float("nan"), float("inf")])
+def test_bad_variance_weight(weight):
+    q, k, _ = _qkv()
+    with pytest.raises(RuntimeError, match="variance_weight must be finite and >= 0"):
+        _estimate(q, k, variance_weight=weight)
+
+
 def test_bad_indices():
     q, k, v = _qkv()
     indices = _indices(q, k)
@@ -180,6 +187,7 @@ CONFIG_CASES = {
     "threshold": (dict(threshold=-1.0), "threshold must be finite"),
     "rank_bits": (dict(rank_bits=40), "rank_bits must be in"),
     "rank_head": (dict(rank_head=-1), "rank_head must be None or >= 0"),
+    "score_variance": (dict(score_variance=-0.5), "score_variance must be finite"),
     "patience": (dict(patience=0), "patience must be >= 1"),
     "group_units": (dict(ordering="query_head", group_units=True), "group_units needs"),
 }

@@ -12,13 +12,15 @@ from .conftest import CPU_CASES, make_qkv
 @pytest.mark.parametrize("order_per_kv_head", [True, False], ids=["kvhead", "qhead"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
-def test_matches_reference(case, order_per_kv_head, dtype, contiguous):
+@pytest.mark.parametrize("variance_weight", [0.0, 0.3], ids=["mean", "variance"])
+def test_matches_reference(case, order_per_kv_head, dtype, contiguous, variance_weight):
     q, k, _ = make_qkv(case, dtype, contiguous=contiguous)
     kwargs = dict(
         segment_size=case.segment_size,
         q_offset=case.q_offset,
         is_causal=case.is_causal,
         order_per_kv_head=order_per_kv_head,
+        variance_weight=variance_weight,
     )
     reps, scores = s2o.estimate_importance(q, k, **kwargs)
     ref_reps, ref_scores = reference.estimate_importance(q, k, **kwargs)
@@ -35,6 +37,22 @@ def test_matches_reference(case, order_per_kv_head, dtype, contiguous):
     magnitude = max(1.0, float(ref_scores.abs().max())) if ref_scores.numel() else 1.0
     atol = 1e-6 * case.head_dim * magnitude
     torch.testing.assert_close(scores, ref_scores, atol=atol, rtol=1e-5)
+
+
+def test_variance_term_ranks_up_keys_the_rows_disagree_on():
+    """Two keys with the same dot product with the mean query: the one along a dimension where the
+    segment's rows spread gets the higher score, by variance_weight * var * k^2."""
+    q = torch.zeros(1, 1, 4, 2)
+    q[0, 0, :, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # mean 0, variance 1 in dimension 0
+    q[0, 0, :, 1] = 0.5  # mean 0.5, variance 0 in dimension 1
+    k = torch.zeros(1, 1, 8, 2)
+    k[0, 0, 0] = torch.tensor([2.0, 1.0])  # r . k = 0.5, spread term 4
+    k[0, 0, 1] = torch.tensor([0.0, 1.0])  # r . k = 0.5, spread term 0
+    kwargs = dict(segment_size=4, q_offset=4, is_causal=True)  # one segment, history: 4 keys
+    _, plain = s2o.estimate_importance(q, k[:, :, :8], **kwargs)
+    _, spread = s2o.estimate_importance(q, k[:, :, :8], variance_weight=0.25, **kwargs)
+    assert plain[0, 0, 0] == plain[0, 0, 1] == 0.5
+    assert spread[0, 0, 0] == 0.5 + 0.25 * 4 and spread[0, 0, 1] == 0.5
 
 
 def test_history_layout_is_ragged_by_segment():

@@ -5,6 +5,11 @@
 //   representative r[d] = (sum over the segment's rows, heads outer and rows inner, of q[d],
 //                          added one by one in fp32) / count
 //   score(j)            = fma chain over d = 0..D-1: acc = fma(r[d], k[j][d], acc), acc0 = 0
+// With variance_weight w > 0 the score gets a second-order term, continuing the same chain:
+//   variance c[d]       = w * ((fma chain over the rows, same order: acc = fma(e, e, acc) with
+//                          e = q[d] - r[d]) / count)
+//   score(j)           += fma chain over d: acc = fma(c[d], k[j][d] * k[j][d], acc)
+// (w = scale / 2 makes score * scale the Gaussian estimate of log sum_i exp(scale q_i . k_j).)
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,17 +27,28 @@ namespace {
 // canonical order) while the compiler vectorises across the lanes.
 constexpr int64_t kKeyChunk = 16;
 
-// out[j] = fma chain of r . kt[:, j] for j < kKeyChunk; kt is [head_dim][kKeyChunk]. The fma clone
-// and the default one (libm fmaf) give identical, correctly rounded results.
+// out[j] = fma chain of r . kt[:, j] for j < kKeyChunk, continued by c . kt[:, j]^2 when c is
+// not null; kt is [head_dim][kKeyChunk]. The fma clone and the default one (libm fmaf) give
+// identical, correctly rounded results.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("fma", "default")))
 #endif
-void score_chunk(const float* r, const float* kt, int64_t head_dim, float* out) {
+void score_chunk(const float* r, const float* c, const float* kt, int64_t head_dim, float* out) {
   float acc[kKeyChunk] = {};
   for (int64_t d = 0; d < head_dim; ++d) {
     const float rd = r[d];
     const float* row = kt + d * kKeyChunk;
     for (int64_t j = 0; j < kKeyChunk; ++j) acc[j] = std::fma(rd, row[j], acc[j]);
+  }
+  if (c != nullptr) {
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float cd = c[d];
+      const float* row = kt + d * kKeyChunk;
+      for (int64_t j = 0; j < kKeyChunk; ++j) {
+        const float squared = row[j] * row[j];  // rounded to fp32 before the fma
+        acc[j] = std::fma(cd, squared, acc[j]);
+      }
+    }
   }
   for (int64_t j = 0; j < kKeyChunk; ++j) out[j] = acc[j];
 }
@@ -40,7 +56,8 @@ void score_chunk(const float* r, const float* kt, int64_t head_dim, float* out) 
 template <typename scalar_t>
 void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
                                 const SegmentLayout& layout, bool order_per_kv_head,
-                                at::Tensor& representatives, at::Tensor& scores) {
+                                float variance_weight, at::Tensor& representatives,
+                                at::Tensor& scores) {
   const int64_t batch = query.size(0), q_heads = query.size(1), head_dim = query.size(3);
   const int64_t group = q_heads / key.size(1);
   const int64_t ordering_heads = representatives.size(1), num_segments = layout.num_segments();
@@ -57,6 +74,7 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
 
   at::parallel_for(0, batch * ordering_heads * num_segments, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt(head_dim * kKeyChunk);
+    std::vector<float> variance(head_dim);
     float chunk_scores[kKeyChunk];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t s = unit % num_segments;
@@ -77,6 +95,19 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
       }
       const float count = static_cast<float>(heads_pooled * (row_end - row_begin));
       for (int64_t d = 0; d < head_dim; ++d) r[d] = r[d] / count;
+      if (variance_weight > 0.0f) {
+        std::fill(variance.begin(), variance.end(), 0.0f);
+        for (int64_t g = 0; g < heads_pooled; ++g) {
+          for (int64_t i = row_begin; i < row_end; ++i) {
+            const scalar_t* row = q + b * qs0 + (first_head + g) * qs1 + i * qs2;
+            for (int64_t d = 0; d < head_dim; ++d) {
+              const float e = static_cast<float>(row[d * qs3]) - r[d];
+              variance[d] = std::fma(e, e, variance[d]);
+            }
+          }
+        }
+        for (int64_t d = 0; d < head_dim; ++d) variance[d] = variance_weight * (variance[d] / count);
+      }
 
       const int64_t history = layout.history_length(s);
       float* seg_scores = out + (b * ordering_heads + h) * total + layout.history_offset(s);
@@ -87,7 +118,8 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
           const scalar_t* krow = kbase + (j0 + std::min(j, n - 1)) * ks2;
           for (int64_t d = 0; d < head_dim; ++d) kt[d * kKeyChunk + j] = static_cast<float>(krow[d * ks3]);
         }
-        score_chunk(r, kt.data(), head_dim, chunk_scores);
+        score_chunk(r, variance_weight > 0.0f ? variance.data() : nullptr, kt.data(), head_dim,
+                    chunk_scores);
         std::copy(chunk_scores, chunk_scores + n, seg_scores + j0);
       }
     }
@@ -97,8 +129,10 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
 std::tuple<at::Tensor, at::Tensor> estimate_importance_cpu(const at::Tensor& query,
                                                            const at::Tensor& key,
                                                            int64_t segment_size, int64_t q_offset,
-                                                           bool is_causal, bool order_per_kv_head) {
+                                                           bool is_causal, bool order_per_kv_head,
+                                                           double variance_weight) {
   check_query_key(query, key, /*allow_fp32=*/true);
+  check_variance_weight(variance_weight);
   const SegmentLayout layout =
       check_layout(query.size(2), key.size(2), segment_size, q_offset, is_causal);
   const int64_t ordering_heads = order_per_kv_head ? key.size(1) : query.size(1);
@@ -107,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor> estimate_importance_cpu(const at::Tensor& que
       at::empty({query.size(0), ordering_heads, layout.num_segments(), query.size(3)}, options);
   at::Tensor scores = at::empty({query.size(0), ordering_heads, layout.total_history()}, options);
   S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "estimate_importance", [&] {
-    estimate_importance_kernel<scalar_t>(query, key, layout, order_per_kv_head, representatives,
+    estimate_importance_kernel<scalar_t>(query, key, layout, order_per_kv_head,
+                                         static_cast<float>(variance_weight), representatives,
                                          scores);
   });
   return {representatives, scores};

@@ -15,8 +15,12 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& query_in,
                                                             const at::Tensor& key_in,
                                                             int64_t segment_size, int64_t q_offset,
-                                                            bool is_causal, bool order_per_kv_head) {
+                                                            bool is_causal, bool order_per_kv_head,
+                                                            double variance_weight) {
   check_query_key(query_in, key_in, /*allow_fp32=*/false);
+  check_variance_weight(variance_weight);
+  S2O_CHECK(variance_weight == 0.0, "estimate_importance: variance_weight > 0 is only "
+            "implemented on the CPU so far");
   check_cuda_tensor(query_in, "query");
   check_cuda_head_dim(query_in.size(3));
   const SegmentLayout layout =
