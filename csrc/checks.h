@@ -66,13 +66,14 @@ inline void check_value(const at::Tensor& value, const at::Tensor& query, const 
               key.sizes(), " (s2o needs the same head count, length and head dim for key and value)");
 }
 
-// segment_size and q_offset against the query and key lengths. Valid q_offset: 0 (top-left
-// causal, SDPA's is_causal) up to Nk - Nq (bottom-right causal, queries at the end of the keys).
+// The weight of estimate_importance's variance term.
 inline void check_variance_weight(double variance_weight) {
   S2O_CHECK(std::isfinite(variance_weight) && variance_weight >= 0.0,
             "variance_weight must be finite and >= 0, got ", variance_weight);
 }
 
+// segment_size and q_offset against the query and key lengths. Valid q_offset: 0 (top-left
+// causal, SDPA's is_causal) up to Nk - Nq (bottom-right causal, queries at the end of the keys).
 inline SegmentLayout check_layout(int64_t num_queries, int64_t num_keys, int64_t segment_size,
                                   int64_t q_offset, bool is_causal) {
   S2O_CHECK(segment_size > 0, "segment_size must be positive, got ", segment_size);
