@@ -101,24 +101,35 @@ struct WgmmaType<__half> {
   static constexpr bool kBf16 = false;
 };
 
+// The instructions for the operand type TYPE ("bf16" or "f16"); the scale-d operand must be a
+// predicate, set from a register.
+#define S2O_WGMMA_SS_N64(TYPE)                                                                 \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                  \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " S2O_ACC32       \
+               ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                               \
+               : S2O_D32(0)                                                                   \
+               : "l"(a), "l"(b), "r"(scale_d))
+#define S2O_WGMMA_RS_N64(TYPE)                                                                 \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                  \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " S2O_ACC32       \
+               ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                 \
+               : S2O_D32(0)                                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+#define S2O_WGMMA_RS_N128(TYPE)                                                                \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                  \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " S2O_ACC64      \
+               ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                 \
+               : S2O_D32(0), S2O_D32(32)                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+
 // D[64 x 64] (+)= A[64 x 16] B[16 x 64], A and B K-major in shared memory. scale_d = 0 ignores D.
 template <typename Element>
 __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b,
                                                    int scale_d) {
   if constexpr (WgmmaType<Element>::kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " S2O_ACC32
-        ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : S2O_D32(0)
-        : "l"(a), "l"(b), "r"(scale_d));
+    S2O_WGMMA_SS_N64("bf16");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " S2O_ACC32
-        ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : S2O_D32(0)
-        : "l"(a), "l"(b), "r"(scale_d));
+    S2O_WGMMA_SS_N64("f16");
   }
 }
 
@@ -127,34 +138,15 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a, u
 template <typename Element, int kN>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t b) {
   static_assert(kN == 64 || kN == 128, "N of 64 or 128");
-  if constexpr (kN == 64 && WgmmaType<Element>::kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " S2O_ACC32
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : S2O_D32(0)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  constexpr bool kBf16 = WgmmaType<Element>::kBf16;
+  if constexpr (kN == 64 && kBf16) {
+    S2O_WGMMA_RS_N64("bf16");
   } else if constexpr (kN == 64) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " S2O_ACC32
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : S2O_D32(0)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-  } else if constexpr (WgmmaType<Element>::kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " S2O_ACC64
-        ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : S2O_D32(0), S2O_D32(32)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    S2O_WGMMA_RS_N64("f16");
+  } else if constexpr (kBf16) {
+    S2O_WGMMA_RS_N128("bf16");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " S2O_ACC64
-        ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : S2O_D32(0), S2O_D32(32)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    S2O_WGMMA_RS_N128("f16");
   }
 }
 
@@ -162,6 +154,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
 #undef S2O_D32
 #undef S2O_ACC32
 #undef S2O_ACC64
+#undef S2O_WGMMA_SS_N64
+#undef S2O_WGMMA_RS_N64
+#undef S2O_WGMMA_RS_N128
 
 #endif  // S2O_WGMMA_ENABLED
 
