@@ -40,7 +40,6 @@ class S2OConfig:
         score_variance: weight of the second-order term of the importance estimate (the rows'
             per-dimension variance against the key squared), in units of the softmax scale; 0.5
             is the Gaussian estimate of what a segment spends on a key. 0: the mean query alone.
-            CPU only so far (CUDA raises).
         causal_alignment: where queries sit when ``is_causal`` and Nq < Nk: ``"top_left"``
             (SDPA's is_causal: query i at position i) or ``"bottom_right"`` (queries are the last Nq
             positions: chunked prefill with a KV cache).
@@ -81,7 +80,7 @@ class S2OConfig:
     # query alone (the paper's estimate); 0.5 is the Gaussian second-order estimate of what the
     # segment's rows spend on a key. CPU, structured data, 16K (8 query heads): 0.5 raises the
     # density ratio against pbs-qseg at matched error from 1.40x to 1.99x (32K: 1.33x to 2.02x).
-    # Off until the CUDA kernel computes it too.
+    # Off until measured on the GPU at 32K-128K (and the threshold re-tuned with it).
     score_variance: float = 0.0
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     # H200, Llama-3.1-8B head shape, structured data (benchmarks/attention_speed.py): s2o at the

@@ -26,7 +26,7 @@ def estimate_importance(
     heads of a KV group when ``order_per_kv_head``); a key's score is its dot product with it.
     With ``variance_weight`` w > 0 the score adds ``w * sum_d var[d] * k[d]^2``, ``var`` the rows'
     per-dimension variance: w = scale / 2 makes ``scale * score`` the Gaussian estimate of
-    ``log sum_i exp(scale * q_i . k)``, what the segment's rows spend on the key (CPU only so far).
+    ``log sum_i exp(scale * q_i . k)``, what the segment's rows spend on the key.
 
     Returns ``(representatives [B, H_ord, num_segments, D] fp32, scores [B, H_ord, T] fp32)``.
     """

@@ -88,7 +88,7 @@ def test_rank_head_reaches_the_ranking():
 
 def test_score_variance_reaches_the_ranking():
     """The variance term changes which keys a unit visits, stays accurate at the default
-    threshold, and is exact at threshold 0 (CPU; the CUDA estimate does not take it yet)."""
+    threshold, and is exact at threshold 0."""
     q, k, v = data.structured_qkv(2048, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float32)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 

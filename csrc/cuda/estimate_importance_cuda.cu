@@ -19,8 +19,6 @@ std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& qu
                                                             double variance_weight) {
   check_query_key(query_in, key_in, /*allow_fp32=*/false);
   check_variance_weight(variance_weight);
-  S2O_CHECK(variance_weight == 0.0, "estimate_importance: variance_weight > 0 is only "
-            "implemented on the CPU so far");
   check_cuda_tensor(query_in, "query");
   check_cuda_head_dim(query_in.size(3));
   const SegmentLayout layout =
@@ -48,6 +46,12 @@ std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& qu
   at::Tensor scores = at::empty({p.batch, p.ordering_heads, layout.total_history()}, options);
   p.representatives = representatives.mutable_data_ptr<float>();
   p.scores = scores.mutable_data_ptr<float>();
+  p.variance_weight = float(variance_weight);
+  at::Tensor variances;  // the weighted variances, scratch of the second scoring pass
+  if (p.variance_weight > 0.0f) {
+    variances = at::empty_like(representatives);
+    p.variances = variances.mutable_data_ptr<float>();
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   S2O_DISPATCH_CUDA_ELEMENT(query.scalar_type(), "estimate_importance", [&] {

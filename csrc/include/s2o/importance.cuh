@@ -5,6 +5,10 @@
 //   representative r[d] = (sum of q[d] over the segment's rows, heads outer and rows inner, one
 //                          fp32 addition at a time) / count
 //   score(j)            = fma chain over d = 0..D-1: acc = fma(r[d], k[j][d], acc), acc0 = 0
+// and with variance_weight w > 0:
+//   c[d]                = w * ((fma chain over the rows, same order, of e * e with
+//                          e = q[d] - r[d]) / count)
+//   score(j)           += fma chain over d: acc = fma(c[d], k[j][d] * k[j][d], acc)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,8 +39,21 @@ __global__ void segment_means_kernel(const __grid_constant__ EstimateImportanceP
     for (int64_t i = row_begin; i < row_end; ++i) acc = __fadd_rn(acc, to_float(rows[i * p.q_strides.row]));
   }
   const float count = float(heads * (row_end - row_begin));
-  p.representatives[((int64_t(b) * p.ordering_heads + h) * p.layout.num_segments() + s) * p.head_dim + d] =
-      __fdiv_rn(acc, count);
+  const float mean = __fdiv_rn(acc, count);
+  const int64_t out = ((int64_t(b) * p.ordering_heads + h) * p.layout.num_segments() + s) * p.head_dim + d;
+  p.representatives[out] = mean;
+  if (p.variance_weight > 0.0f) {
+    float spread = 0.0f;
+    for (int g = 0; g < heads; ++g) {
+      const Element* rows = q + (first_head + g) * p.q_strides.head;
+#pragma unroll 8
+      for (int64_t i = row_begin; i < row_end; ++i) {
+        const float e = __fsub_rn(to_float(rows[i * p.q_strides.row]), mean);
+        spread = __fmaf_rn(e, e, spread);
+      }
+    }
+    p.variances[out] = __fmul_rn(p.variance_weight, __fdiv_rn(spread, count));
+  }
 }
 
 struct HistoryScoresTile {
@@ -54,8 +71,9 @@ struct HistoryScoresTile {
 // Scores of a 256-key tile against 64 segments' representatives, as a register-tiled SGEMM: each
 // thread owns 8 consecutive segments x 8 keys (two groups of 4 consecutive keys 128 apart, so
 // that a warp's shared loads of keys are 512 contiguous bytes) and accumulates over d in order,
-// one fma per d: four 16-byte shared loads feed 64 fmas. Blocks whose keys lie beyond all their
-// segments' histories exit (the history is a triangle).
+// one fma per d: four 16-byte shared loads feed 64 fmas. With a variance term a second pass over
+// d continues the same accumulators with the weighted variances against the squared keys. Blocks
+// whose keys lie beyond all their segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
     history_scores_kernel(const __grid_constant__ EstimateImportanceParams p) {
@@ -74,7 +92,6 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
   __shared__ __align__(16) float s_rep[kStep * Tile::kSegStride];  // [d][segment]
   __shared__ __align__(16) float s_key[kStep * Tile::kKeyStride];  // [d][key]
   const int tid = threadIdx.x;
-  const float* reps = p.representatives + (int64_t(bh) * num_segments + seg_begin) * kHeadDim;
   const Element* keys = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
                         kv_head * p.k_strides.head;
   // Staging: thread t takes key t's kStep dims (two 16-byte loads) and a float4 of one
@@ -85,17 +102,23 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
   const bool key_valid = stage_key < layout.num_keys;
   const bool rep_valid = seg_begin + rep_row < num_segments;
   const Element* key_src = keys + (key_valid ? stage_key : 0) * p.k_strides.row;
-  const float* rep_src = reps + rep_row * kHeadDim + rep_part * 4;
+  const int64_t rep_offset = (int64_t(bh) * num_segments + seg_begin + rep_row) * kHeadDim + rep_part * 4;
 
-  // The next step's keys and representatives are loaded into registers while this step computes.
+  // Steps of kStep dims: [0, kSteps) score the representatives against the keys, [kSteps,
+  // 2 kSteps) (with a variance term) the weighted variances against the squared keys. The next
+  // step's keys and vectors are loaded into registers while this step computes.
+  constexpr int kSteps = kHeadDim / kStep;
+  const int steps = p.variance_weight > 0.0f ? 2 * kSteps : kSteps;
   uint4 key_raw[2];
   float4 rep_raw;
-  auto load_step = [&](int d0) {
+  auto load_step = [&](int step) {
+    const int d0 = (step % kSteps) * kStep;
+    const float* vectors = step < kSteps ? p.representatives : p.variances;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
       key_raw[i] = key_valid ? *reinterpret_cast<const uint4*>(key_src + d0 + i * 8)
                              : make_uint4(0, 0, 0, 0);
-    rep_raw = rep_valid ? *reinterpret_cast<const float4*>(rep_src + d0)
+    rep_raw = rep_valid ? *reinterpret_cast<const float4*>(vectors + rep_offset + d0)
                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   };
   load_step(0);
@@ -103,17 +126,25 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
   const int key0 = (tid % 32) * 4, seg0 = (tid / 32) * 8;
   float acc[8][8] = {};
 #pragma unroll 1
-  for (int d0 = 0; d0 < kHeadDim; d0 += kStep) {
+  for (int step = 0; step < steps; ++step) {
     __syncthreads();  // the previous step's tiles are no longer read
     const Element* e = reinterpret_cast<const Element*>(key_raw);
+    if (step < kSteps) {
 #pragma unroll
-    for (int i = 0; i < kStep; ++i) s_key[i * Tile::kKeyStride + tid] = to_float(e[i]);
+      for (int i = 0; i < kStep; ++i) s_key[i * Tile::kKeyStride + tid] = to_float(e[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kStep; ++i) {
+        const float k = to_float(e[i]);
+        s_key[i * Tile::kKeyStride + tid] = __fmul_rn(k, k);  // rounded before the fma, as on the CPU
+      }
+    }
     s_rep[(rep_part * 4 + 0) * Tile::kSegStride + rep_row] = rep_raw.x;
     s_rep[(rep_part * 4 + 1) * Tile::kSegStride + rep_row] = rep_raw.y;
     s_rep[(rep_part * 4 + 2) * Tile::kSegStride + rep_row] = rep_raw.z;
     s_rep[(rep_part * 4 + 3) * Tile::kSegStride + rep_row] = rep_raw.w;
     __syncthreads();
-    if (d0 + kStep < kHeadDim) load_step(d0 + kStep);
+    if (step + 1 < steps) load_step(step + 1);
 #pragma unroll
     for (int d = 0; d < kStep; ++d) {
       const float* rd = s_rep + d * Tile::kSegStride + seg0;

@@ -22,7 +22,10 @@ struct EstimateImportanceParams {
   const void* query;        // [B, Hq, Nq, D]
   const void* key;          // [B, Hkv, Nk, D]
   float* representatives;   // [B, H_ord, num_segments, D], contiguous
+  float* variances;         // [B, H_ord, num_segments, D], contiguous: variance_weight * var;
+                            // null when variance_weight is 0
   float* scores;            // [B, H_ord, T], contiguous
+  float variance_weight;    // weight of the second-order term (0: none)
   TensorStrides q_strides, k_strides;
   SegmentLayout layout;
   int batch, q_heads, kv_heads, head_dim;
