@@ -64,7 +64,55 @@ struct WorkUnit {
   __device__ __forceinline__ int tile_keys(int t, int block_n) const {
     return int(min(int64_t(block_n), (is_local(t) ? local_end : history) - tile_begin(t, block_n)));
   }
+  // Whether block row r (head r / block_m, query row row_begin + r % block_m) is a real row.
+  __device__ __forceinline__ bool row_valid(int r, int block_m) const {
+    return r < unit_rows && row_begin + r % block_m < row_end;
+  }
+  // Block row r's row in the [B, Hq, Nq] layout of out and lse (batch entry b).
+  __device__ __forceinline__ int64_t out_row(const SparseAttentionParams& p, int b, int r) const {
+    const int head = first_head + r / p.block_m;
+    return (int64_t(b) * p.q_heads + head) * p.layout.num_queries + row_begin + r % p.block_m;
+  }
+
+  // Thread tid (< block_n) copies its entry of history tile u's indices to slots[tid]
+  // (cp.async, zero past the history's end); nothing for local tiles and tiles past the end.
+  __device__ __forceinline__ void issue_index_tile(int u, int tid, int32_t* slots,
+                                                   int block_n) const {
+    if (u < n_local || u >= n_tiles || tid >= block_n) return;
+    const int64_t slot = int64_t(u - n_local) * block_n + tid;
+    const bool valid = slot < history;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(slots + tid)),
+                 "l"(valid ? ranked + slot : ranked), "r"(valid ? 4 : 0));
+  }
+
+  // The unit's query rows (batch entry b) into shared memory with cp.async, in 16-byte chunks
+  // (padding rows zero); dst(r, chunk) is the shared address of chunk `chunk` of block row r.
+  template <typename Element, int kRows, int kChunks, int kThreads, typename Dst>
+  __device__ __forceinline__ void issue_query_rows(const SparseAttentionParams& p, int b, int tid,
+                                                   Dst dst) const {
+    const Element* q = static_cast<const Element*>(p.query) + b * p.q_strides.batch;
+#pragma unroll
+    for (int c = tid; c < kRows * kChunks; c += kThreads) {
+      const int r = c / kChunks, chunk = c % kChunks;
+      const int64_t i = row_begin + r % p.block_m;
+      const bool valid = r < unit_rows && i < row_end;
+      const Element* src =
+          valid ? q + (first_head + r / p.block_m) * p.q_strides.head + i * p.q_strides.row +
+                      chunk * 8
+                : q;
+      cp_async_16(dst(r, chunk), src, valid ? 16 : 0);
+    }
+  }
 };
+
+// Whether any of the kWarps votes on a tile says a row was not quiet.
+template <int kWarps>
+__device__ __forceinline__ bool any_loud(const int* votes) {
+  bool loud = false;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) loud |= votes[w] != 0;
+  return loud;
+}
 
 // Scales the scores of one 16-row fragment to the log2 domain and masks, per row x, the columns
 // after last_key[x] to -inf.

@@ -67,20 +67,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   const SegmentLayout& layout = p.layout;
   const WorkUnit unit(p, kBlockN);
   const int b = blockIdx.z;
-  const Element* q = static_cast<const Element*>(p.query) + b * p.q_strides.batch;
   const Element* k = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
                      unit.kv_head * p.k_strides.head;
   const Element* v = static_cast<const Element*>(p.value) + b * p.v_strides.batch +
                      unit.kv_head * p.v_strides.head;
 
-  // Index tile u (a history tile) -> s_index[u % 3]; zero past the history's end.
+  // Index tile u (a history tile) -> s_index[u % 3].
   auto issue_indices = [&](int u) {
-    if (u < unit.n_local || u >= unit.n_tiles || tid >= kBlockN) return;
-    const int64_t slot = int64_t(u - unit.n_local) * kBlockN + tid;
-    const bool valid = slot < unit.history;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
-                     smem_address(s_index + (u % Traits::kIndexStages) * kBlockN + tid)),
-                 "l"(valid ? unit.ranked + slot : unit.ranked), "r"(valid ? 4 : 0));
+    unit.issue_index_tile(u, tid, s_index + (u % Traits::kIndexStages) * kBlockN, kBlockN);
   };
   // K and V rows of tile u -> stage u % 2; rows past the tile's end are zero-filled. Each thread
   // copies one 16-byte chunk column of rows kv_row0 + i * kRowStep: its swizzle phase is fixed.
@@ -112,17 +106,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     }
   };
 
-  // Query rows (padding rows zero) and the first index tiles.
-#pragma unroll
-  for (int c = tid; c < kRows * kChunks; c += kThreads) {
-    const int r = c / kChunks, chunk = c % kChunks;
-    const int64_t i = unit.row_begin + r % p.block_m;
-    const bool valid = r < unit.unit_rows && i < unit.row_end;
-    const Element* src = valid ? q + (unit.first_head + r / p.block_m) * p.q_strides.head +
-                                     i * p.q_strides.row + chunk * 8
-                               : q;
-    cp_async_16(s_q + swizzle128<kRows>(r, chunk), src, valid ? 16 : 0);
-  }
+  // Query rows and the first index tiles.
+  unit.issue_query_rows<Element, kRows, kChunks, kThreads>(
+      p, b, tid, [&](int r, int chunk) { return s_q + swizzle128<kRows>(r, chunk); });
   issue_indices(0);
   issue_indices(1);
   cp_async_commit();
@@ -143,7 +129,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   for (int x = 0; x < 2; ++x) {
     const int r = warp_row + lane / 4 + 8 * x;
     row_offset[x] = tile_row_offset + r % p.block_m;
-    if (r < unit.unit_rows && unit.row_begin + r % p.block_m < unit.row_end) valid_rows |= 1u << x;
+    if (unit.row_valid(r, p.block_m)) valid_rows |= 1u << x;
   }
 
   // Descriptors of this warpgroup's 64 query rows and of the K and V tiles of stage 0. K steps
@@ -169,9 +155,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     fence_proxy_async();  // the gathered tile is read by wgmma (the async proxy)
     __syncthreads();
     if (early_stop && t > unit.n_local) {  // tile t-1 was a history tile: did it stop the unit?
-      bool loud = false;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) loud |= s_loud[((t - 1) % 2) * kWarps + w] != 0;
+      const bool loud = any_loud<kWarps>(s_loud + ((t - 1) % 2) * kWarps);
       quiet_tiles = loud ? 0 : quiet_tiles + 1;
       if (quiet_tiles >= p.patience) break;
     }
@@ -257,9 +241,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   for (int x = 0; x < 2; ++x) {
     if (!((valid_rows >> x) & 1u)) continue;
     const int r = warp_row + lane / 4 + 8 * x;
-    const int head = unit.first_head + r / p.block_m;
-    const int64_t row =
-        (int64_t(b) * p.q_heads + head) * layout.num_queries + unit.row_begin + r % p.block_m;
+    const int64_t row = unit.out_row(p, b, r);
     store_row<Element, D>(out + row * D, p.lse + row, o, x, row_max[x], row_mass[x], lane);
   }
 #else
