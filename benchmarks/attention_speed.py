@@ -1,17 +1,18 @@
 """How fast is s2o against the best dense attention on the GPU?
 
 B=1, Hq=32, Hkv=8, D=128, bf16, causal, at the given lengths, on the package's structured data and
-on plain random data. Rows: SDPA flash backend (FlashAttention-2), SDPA cuDNN backend,
-FlexAttention with a causal block mask (built from block indices, never an N x N mask), s2o with
-threshold 0 (exact) and s2o at the default config; with ``--methods ... s2o-exact-sm80 s2o-sm80``
-the same s2o rows with the mma.sync attention kernel forced (the default on Hopper is the wgmma
-kernel). Columns: median ms of CUDA events after
+on plain random data. Rows: SDPA flash backend (FlashAttention-2), SDPA cuDNN backend, FlexAttention
+with a causal block mask (built from block indices, never an N x N mask), s2o with threshold 0
+(exact) and s2o at the default config; with ``--methods ... s2o-exact-sm80 s2o-sm80`` the same s2o
+rows with the mma.sync attention kernel forced (the default on Hopper is the wgmma kernel);
+``--s2o-variants`` adds rows of s2o with other settings. Columns: median ms of CUDA events after
 warm-up, dense-equivalent TFLOP/s, density, error against fp32 dense attention on sampled query
-blocks, the share of s2o's time in estimate + permute, and peak extra GPU memory (beyond q, k, v
-and the output).
+blocks, the share of s2o's time in estimate + permute, and peak extra GPU memory (beyond q, k, v and
+the output).
 
     python benchmarks/attention_speed.py --out results/speed
     python benchmarks/attention_speed.py --lengths 32768 --data structured --methods cudnn s2o
+    python benchmarks/attention_speed.py --lengths 131072 --s2o-variants ordering=query_head
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import s2o  # noqa: E402
-from benchmarks.common import print_header, run_header, write_csv, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    parse_config_overrides,
+    print_header,
+    run_header,
+    write_csv,
+    write_json,
+)
 from s2o import S2OConfig, data  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -109,8 +116,18 @@ def flex_causal(n: int):
 
 
 def s2o_config(name: str, config: S2OConfig) -> S2OConfig:
-    """The config of an s2o row: the benchmark's, or it at threshold 0 for ``s2o-exact*``."""
-    return dataclasses.replace(config, threshold=0.0) if name.startswith("s2o-exact") else config
+    """The config of an s2o row: the benchmark's, at threshold 0 for ``s2o-exact*``, with the
+    overrides in brackets for ``s2o[key=value,...]`` (--s2o-variants)."""
+    if name.startswith("s2o-exact"):
+        return dataclasses.replace(config, threshold=0.0)
+    if name.startswith("s2o["):
+        return dataclasses.replace(config, **parse_config_overrides(name[4:-1]))
+    return config
+
+
+def is_sparse(name: str) -> bool:
+    """Rows whose error is s2o's early stopping (not checked against the exact tolerance)."""
+    return name.startswith("s2o") and not name.startswith("s2o-exact")
 
 
 @contextlib.contextmanager
@@ -199,7 +216,7 @@ def run(args, config: S2OConfig) -> list[dict]:
             rows = sample_rows(n)
             ref = reference_rows(q, k, v, rows)
             repeats = args.repeats or max(3, min(20, 163840 // n))  # 20 at 8K ... 3 at 128K
-            for name in args.methods:
+            for name in args.methods + [f"s2o[{spec}]" for spec in args.s2o_variants]:
                 if name == "flex" and n > args.flex_max:
                     continue
                 fn = method_fn(name, n, config)
@@ -209,7 +226,7 @@ def run(args, config: S2OConfig) -> list[dict]:
                 mse = float(err.pow(2).mean())
                 rel = float(err.norm() / ref.norm())
                 del out
-                if name not in ("s2o", "s2o-sm80") and rel > EXACT_TOLERANCE:
+                if not is_sparse(name) and rel > EXACT_TOLERANCE:
                     raise SystemExit(f"{name} at {n} ({kind}): relative error {rel:.3g} vs fp32")
                 ms = time_ms(fn, (q, k, v), warmup=2, repeats=repeats)
                 row = dict(
@@ -270,11 +287,11 @@ def print_summary(rows: list[dict]) -> None:
     for row in rows:
         print(format_row(row))
     by_key = {(r["data"], r["length"], r["method"]): r for r in rows}
-    print("\nspeedup of s2o (default config) over the dense baselines:")
+    print("\nspeedup of s2o (default config and variants) over the dense baselines:")
     for (kind, n, name), row in by_key.items():
-        if name != "s2o":
+        if name != "s2o" and not name.startswith("s2o["):
             continue
-        parts = [f"{kind:>10} {n:>7}:"]
+        parts = [f"{kind:>10} {n:>7} {name}:"]
         for base in ("flash", "cudnn", "flex", "s2o-sm80"):
             if (kind, n, base) in by_key:
                 parts.append(f"{by_key[(kind, n, base)]['ms'] / row['ms']:.2f}x vs {base}")
@@ -294,6 +311,13 @@ def main() -> None:
     parser.add_argument("--flex-max", type=int, default=65536, help="longest length for flex")
     parser.add_argument("--threshold", type=float, help="s2o row's threshold (default: config's)")
     parser.add_argument("--rank-head", type=int, help="s2o row's rank_head (default: config's)")
+    parser.add_argument(
+        "--s2o-variants",
+        nargs="+",
+        default=[],
+        help="extra s2o rows, each S2OConfig overrides of the benchmark's config, "
+        "e.g. 'ordering=query_head' 'segment_size=128,score_variance=0'",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     args = parser.parse_args()
     config = benchmark_config(args.threshold, args.rank_head)

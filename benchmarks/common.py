@@ -15,6 +15,20 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def parse_config_overrides(spec: str) -> dict:
+    """``"ordering=query_head,segment_size=128"`` -> S2OConfig overrides (int, float or str)."""
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=", 1)
+        for convert in (int, float, str):
+            try:
+                overrides[key.strip()] = convert(value.strip())
+                break
+            except ValueError:
+                continue
+    return overrides
+
+
 def git_revision() -> str:
     """Short hash of HEAD, with ``+dirty`` when the working tree has changes; ``unknown`` outside
     a git checkout."""

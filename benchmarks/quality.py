@@ -48,6 +48,7 @@ from benchmarks import baselines  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
     markdown_table,
+    parse_config_overrides,
     print_header,
     run_header,
     write_csv,
@@ -271,8 +272,9 @@ def alternative_scores(
 
     ``representative``: ``mean`` (one plain mean: the op's ranking), ``head-max`` (the mean of
     each query head of the ordering unit), ``sub-mean-max`` (``sub_segments`` means of
-    consecutive rows per query head). Returns scores [B, H_ord, T] fp32 in the layout of
-    ``s2o.estimate_importance``.
+    consecutive rows per query head). With ``config.score_variance`` > 0 each representative's
+    scores add the op's variance term over its own rows. Returns scores [B, H_ord, T] fp32 in
+    the layout of ``s2o.estimate_importance``.
     """
     batch, q_heads, num_tokens, dim = query.shape
     kv_heads = key.shape[1]
@@ -282,6 +284,7 @@ def alternative_scores(
     heads_per_unit = group if per_kv else 1
     ordering_heads = q_heads // heads_per_unit
     keys = key.float() if per_kv else key.float().repeat_interleave(group, dim=1)
+    variance_weight = config.score_variance * scale
     scores = torch.empty(batch, ordering_heads, layout.total_history, device=query.device)
     for s in range(layout.num_segments):
         history = layout.history_length(s)
@@ -289,16 +292,23 @@ def alternative_scores(
             continue
         rows = query[:, :, layout.segment_rows(s)].float()  # [B, Hq, R, D]
         rows = rows.reshape(batch, ordering_heads, heads_per_unit, rows.shape[2], dim)
+        # Each representative's rows: parts of [B, H_ord, representatives, rows, D].
         if representative == "mean":
-            reps = rows.mean(dim=(2, 3))[:, :, None]  # [B, H_ord, 1, D]
+            parts = [rows.flatten(2, 3)[:, :, None]]
         elif representative == "head-max":
-            reps = rows.mean(dim=3)  # [B, H_ord, heads_per_unit, D]
+            parts = [rows]
         elif representative == "sub-mean-max":
             parts = torch.tensor_split(rows, min(sub_segments, rows.shape[3]), dim=3)
-            reps = torch.cat([p.mean(dim=3) for p in parts], dim=2)
         else:
             raise ValueError(f"unknown representative {representative!r}")
-        logits = torch.matmul(reps, keys[:, :, :history].transpose(-1, -2))
+        reps = torch.cat([p.mean(dim=3) for p in parts], dim=2)  # [B, H_ord, reps, D]
+        spreads = torch.cat([p.var(dim=3, unbiased=False) for p in parts], dim=2)
+        history_keys = keys[:, :, :history]
+        logits = torch.matmul(reps, history_keys.transpose(-1, -2))
+        if variance_weight > 0:
+            logits += variance_weight * torch.matmul(
+                spreads, history_keys.square().transpose(-1, -2)
+            )
         # logits: [B, H_ord, representatives, history]
         if reps.shape[2] > 1:
             logits = logits * scale
@@ -1027,20 +1037,6 @@ class LengthResult:
     files: list[Path]
 
 
-def parse_overrides(spec: str) -> dict:
-    """``"ordering=query_head,segment_size=128"`` -> S2OConfig overrides (ints, floats, str)."""
-    overrides = {}
-    for item in filter(None, spec.split(",")):
-        key, value = item.split("=", 1)
-        for convert in (int, float, str):
-            try:
-                overrides[key.strip()] = convert(value.strip())
-                break
-            except ValueError:
-                continue
-    return overrides
-
-
 def run_length(inputs: Inputs, args, out_dir: Path) -> LengthResult:
     """Baselines, the s2o sweeps, ratios, tables and the plot for one input."""
     n = inputs.length
@@ -1077,7 +1073,7 @@ def run_length(inputs: Inputs, args, out_dir: Path) -> LengthResult:
         name = f"s2o[{spec}]" if spec else "s2o"
         start = time.perf_counter()
         points = s2o_curve(
-            inputs, result.reference, args.thresholds, name=name, **parse_overrides(spec)
+            inputs, result.reference, args.thresholds, name=name, **parse_config_overrides(spec)
         )
         seconds[name] = time.perf_counter() - start
         s2o_curves[name] = points

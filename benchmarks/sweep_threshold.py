@@ -17,21 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import s2o  # noqa: E402
 from benchmarks.attention_speed import reference_rows, sample_rows  # noqa: E402
-from benchmarks.common import print_header, run_header, write_json  # noqa: E402
+from benchmarks.common import parse_config_overrides, print_header, run_header, write_json  # noqa: E402
 from s2o import S2OConfig, data  # noqa: E402
-
-
-def parse_variant(text: str) -> dict:
-    """'patience=2,ordering=query_head' -> {'patience': 2, 'ordering': 'query_head'}."""
-    overrides = {}
-    for item in filter(None, text.split(",")):
-        name, value = item.split("=")
-        overrides[name] = (
-            value
-            if not value.lstrip("-").replace(".", "").isdigit()
-            else (float(value) if "." in value else int(value))
-        )
-    return overrides
 
 
 def main() -> None:
@@ -61,7 +48,7 @@ def main() -> None:
         ref = reference_rows(q, k, v, sampled)
         for variant in args.variants:
             for threshold in args.thresholds:
-                overrides = parse_variant(variant)
+                overrides = parse_config_overrides(variant)
                 config = S2OConfig(threshold=threshold, strict=True, **overrides)
                 out, stats = s2o.attention(
                     q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True

@@ -156,12 +156,19 @@ def test_curve_matching_recovers_known_ratios():
     assert sparse[0]["error_match"] == "sparser"
 
 
+@pytest.mark.parametrize("score_variance", [0.0, 0.5], ids=["mean", "variance"])
 @pytest.mark.parametrize("ordering", ["kv_head", "query_head"])
-def test_python_mean_scores_equal_the_op(ordering):
+def test_python_mean_scores_equal_the_op(ordering, score_variance):
     q, k = torch.randn(1, 4, 300, 32), torch.randn(1, 2, 300, 32)
-    config = quality.benchmark_config(segment_size=64, ordering=ordering)
+    config = quality.benchmark_config(
+        segment_size=64, ordering=ordering, score_variance=score_variance
+    )
     _, expected = s2o.estimate_importance(
-        q, k, segment_size=64, order_per_kv_head=config.order_per_kv_head
+        q,
+        k,
+        segment_size=64,
+        order_per_kv_head=config.order_per_kv_head,
+        variance_weight=score_variance * 0.25,
     )
     scores = quality.alternative_scores(q, k, config, "mean", scale=0.25)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
