@@ -50,14 +50,21 @@ class S2OConfig:
         strict: raise instead of falling back to dense SDPA (also: environment S2O_STRICT=1).
     """
 
-    segment_size: int = 256
+    # 128 ranks twice as many segments as 256 (the estimate costs 9.3 instead of 5.4 ms at 128K
+    # on the H200) but ranks better: on the structured data at 128K at threshold 0.012, density
+    # 0.052 / error 9.8% against 0.056 / 10.5% (benchmarks/quality.py): 3.50x instead of 3.13x
+    # less density than pbs-qseg-s1024 at matched error.
+    segment_size: int = 128
     block_m: int | None = None
     block_n: int = 64
     # Measured on the structured data (H200, Llama-3.1-8B head shape, sampled-row error against fp32
     # dense attention): patience 2 gives the lowest error at matched density at 128K (density
-    # 0.094 / error 9.96% at threshold 0.005, vs 11.9% for patience 1 at that density), and
-    # threshold 0.004 keeps the 128K error under the 10% budget.
-    threshold: float = 0.004
+    # 0.094 / error 9.96% at threshold 0.005, vs 11.9% for patience 1 at that density). With the
+    # variance term (score_variance 0.5) and segment_size 128, threshold 0.012 is the sparsest
+    # point inside the 10% error budget at 128K: density 0.052 / error 9.8% over all rows
+    # (benchmarks/quality.py; 0.01: 0.057 / 8.9%; 0.02: 0.039 / 12.8%), 4.7% at 32K. Without
+    # the two, threshold 0.004 was needed for 9.2% at density 0.104.
+    threshold: float = 0.012
     patience: int = 2
     ordering: Literal["kv_head", "query_head"] = "kv_head"
     group_units: bool = False
@@ -67,21 +74,22 @@ class S2OConfig:
     rank_bits: int = 12
     # None: block_n x max(64, 1/threshold) keys, the tile count rounded up to a power of two
     # (resolve_rank_head): a unit whose tile masses fall along its list stops within about
-    # 1/threshold tiles. 16384 at the default threshold. Measured on the structured data: at 128K
+    # 1/threshold tiles. 8192 at the default threshold (16384 there gives the same density and error
+    # at 64K and 128K, within 0.5%, with the variance term). Earlier, on the structured data at 128K
     # on the H200 (benchmarks/sweep_threshold.py, thresholds 0.003 / 0.004 / 0.006) ranking 16384
     # keys puts the points on the full ranking's error-vs-density curve (density 0.1037 / error
     # 9.17% vs 0.1050 / 9.03% at 0.004) and ranks 8 KV heads in 1.60 ms instead of 5.54 ms, while
-    # 8192 loses accuracy (11.7% error at density 0.086, where ranking everything gives ~10.3%);
-    # on the CPU at 16K (8 query heads) the rule's 8192 at threshold 0.01 and 4096 at 0.03 and
-    # 0.1 give the full ranking's density and MSE (within 1.5%), half of them lose.
+    # 8192 loses accuracy (11.7% error at density 0.086, where ranking everything gives ~10.3%); on
+    # the CPU at 16K (8 query heads) the rule's 8192 at threshold 0.01 and 4096 at 0.03 and 0.1 give
+    # the full ranking's density and MSE (within 1.5%), half of them lose.
     rank_head: int | None = None
     # [ours] Weight of the variance term of the importance estimate, in units of the softmax scale:
     # estimate_importance gets variance_weight = score_variance * scale. 0 ranks by the mean
     # query alone (the paper's estimate); 0.5 is the Gaussian second-order estimate of what the
-    # segment's rows spend on a key. CPU, structured data, 16K (8 query heads): 0.5 raises the
-    # density ratio against pbs-qseg at matched error from 1.40x to 1.99x (32K: 1.33x to 2.02x).
-    # Off until measured on the GPU at 32K-128K (and the threshold re-tuned with it).
-    score_variance: float = 0.0
+    # segment's rows spend on a key. H200, structured data, 128K, segment_size 256, threshold
+    # 0.01: error 14.5% -> 9.6% at density 0.064 -> 0.061 (3.2 -> 5.4 ms of estimate); density
+    # ratio against pbs-qseg at matched error 2.35x -> 3.02x (CPU, 16K: 1.40x -> 1.99x).
+    score_variance: float = 0.5
     causal_alignment: Literal["top_left", "bottom_right"] = "top_left"
     # H200, Llama-3.1-8B head shape, structured data (benchmarks/attention_speed.py): s2o at the
     # defaults is 1.35x SDPA-flash / 0.69x SDPA-cuDNN at 8K, 1.84x / 0.97x at 16K, 3.03x / 1.81x at
