@@ -68,10 +68,23 @@ struct HistoryScoresTile {
   static_assert(kSegments * kDimStep == kThreads * 4, "one float4 representative load per thread");
 };
 
+// First segment and first key (within the block's tile) of thread tid's 8 x 8 scores. Warps are
+// 2 (segments) x 4 (keys); in a warp, lane bits 0 and 2 pick one of 4 groups of 8 segments and
+// bits 1, 3, 4 one of 8 groups of 4 keys. So lanes n and n^2 load the same representatives and
+// lanes n and n^1 the same keys: the shared memory returns each 16-byte load to such pairs at
+// once, two requests per load instead of four, and the shared loads (4 per 64 fmas) no longer
+// hold the fmas back.
+__device__ __forceinline__ int2 lane_tile(int tid) {
+  const int warp = tid / 32, lane = tid % 32;
+  const int seg_group = (lane & 1) | ((lane >> 1) & 2);
+  const int key_group = ((lane >> 1) & 1) | ((lane >> 2) & 6);
+  return make_int2((warp / 4) * 32 + seg_group * 8, (warp % 4) * 64 + key_group * 4);
+}
+
 // Scores of a 256-key tile against 64 segments' representatives, as a register-tiled SGEMM: each
-// thread owns 8 consecutive segments x 8 keys (two groups of 4 consecutive keys 128 apart, so
-// that a warp's shared loads of keys are 512 contiguous bytes) and accumulates over d in order,
-// one fma per d: four 16-byte shared loads feed 64 fmas. With a variance term a second pass over
+// thread owns 8 consecutive segments x 8 keys (two groups of 4 consecutive keys 32 apart) and
+// accumulates over d in order, one fma per d: four 16-byte shared loads feed 64 fmas. A warp
+// covers 32 segments x 64 keys (lane_tile). With a variance term a second pass over
 // d continues the same accumulators with the weighted variances against the squared keys. Blocks
 // whose keys lie beyond all their segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
@@ -123,7 +136,8 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
   };
   load_step(0);
 
-  const int key0 = (tid % 32) * 4, seg0 = (tid / 32) * 8;
+  const int2 tile = lane_tile(tid);
+  const int seg0 = tile.x, key0 = tile.y;
   float acc[8][8] = {};
 #pragma unroll 1
   for (int step = 0; step < steps; ++step) {
@@ -152,7 +166,7 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
       const float4 r_hi = *reinterpret_cast<const float4*>(rd + 4);
       const float* kd = s_key + d * Tile::kKeyStride + key0;
       const float4 k_lo = *reinterpret_cast<const float4*>(kd);
-      const float4 k_hi = *reinterpret_cast<const float4*>(kd + 128);
+      const float4 k_hi = *reinterpret_cast<const float4*>(kd + 32);
       const float rs[8] = {r_lo.x, r_lo.y, r_lo.z, r_lo.w, r_hi.x, r_hi.y, r_hi.z, r_hi.w};
       const float ks[8] = {k_lo.x, k_lo.y, k_lo.z, k_lo.w, k_hi.x, k_hi.y, k_hi.z, k_hi.w};
 #pragma unroll
@@ -173,7 +187,7 @@ __global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
     float* seg_out = out + layout.history_offset(s);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t key = key_begin + key0 + half * 128;
+      const int64_t key = key_begin + key0 + half * 32;
       const float* v = acc[i] + half * 4;
       if (key + 4 <= history && (reinterpret_cast<uintptr_t>(seg_out + key) & 15) == 0) {
         *reinterpret_cast<float4*>(seg_out + key) = make_float4(v[0], v[1], v[2], v[3]);
