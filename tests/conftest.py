@@ -108,6 +108,11 @@ def make_qkv(case: Case, dtype=torch.float32, device="cpu", contiguous=True, pea
 MODES = {"kvgroup": (True, True), "kvhead": (True, False), "qhead": (False, False)}
 
 
+def runs_wgmma_kernel() -> bool:
+    """Whether this GPU runs the wgmma attention kernel (compute capability 9.0)."""
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
 def layout_kwargs(case: Case) -> dict:
     """The segment layout arguments of permute_indices (and SegmentLayout) for a case."""
     return dict(

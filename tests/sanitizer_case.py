@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .conftest import MODES, Case, make_qkv, run_pipeline
+from .conftest import MODES, Case, make_qkv, run_pipeline, runs_wgmma_kernel
 
 # Each case runs in every unit mode whose units fit the CUDA kernel (at most 128 rows).
 CASES = [
@@ -24,7 +24,7 @@ CASES = [
 def main() -> None:
     torch.manual_seed(0)
     # Both sparse attention kernels where the GPU runs them (the wgmma one needs Hopper).
-    kernels = ["sm80"] + (["sm90"] if torch.cuda.get_device_capability() == (9, 0) else [])
+    kernels = ["sm80"] + (["sm90"] if runs_wgmma_kernel() else [])
     for kernel in kernels:
         os.environ["S2O_ATTENTION_KERNEL"] = kernel
         for case in CASES:

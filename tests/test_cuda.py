@@ -9,7 +9,7 @@ import s2o
 from s2o import S2OConfig, data, reference
 from s2o.layout import SegmentLayout
 
-from .conftest import MODES, Case, layout_kwargs, make_qkv, run_pipeline
+from .conftest import MODES, Case, layout_kwargs, make_qkv, run_pipeline, runs_wgmma_kernel
 
 pytestmark = pytest.mark.cuda
 
@@ -36,7 +36,7 @@ ATTENTION_KERNELS = ["sm80", "sm90"]
 @pytest.fixture(params=ATTENTION_KERNELS)
 def attention_kernel(request, monkeypatch):
     """Runs the test with the sparse attention kernel forced through S2O_ATTENTION_KERNEL."""
-    if request.param == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+    if request.param == "sm90" and not runs_wgmma_kernel():
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     monkeypatch.setenv("S2O_ATTENTION_KERNEL", request.param)
     return request.param
@@ -279,7 +279,7 @@ def test_attention_kernel_choice_is_checked(monkeypatch):
     monkeypatch.setenv("S2O_ATTENTION_KERNEL", "fastest")
     with pytest.raises(RuntimeError, match="must be auto, sm80 or sm90"):
         run_pipeline(case, q, k, v)
-    if torch.cuda.get_device_capability() != (9, 0):
+    if not runs_wgmma_kernel():
         monkeypatch.setenv("S2O_ATTENTION_KERNEL", "sm90")
         with pytest.raises(RuntimeError, match="compute capability 9.0"):
             run_pipeline(case, q, k, v)
