@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from s2o.reference import softmax_scale
+
 NEG_INF = float("-inf")
 DEFAULT_TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
@@ -412,7 +414,7 @@ def evaluate_baselines(
         )
     if key.shape[2] != num_tokens:
         raise ValueError("the baselines evaluate causal self-attention: Nq must equal Nk")
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scale = softmax_scale(dim, scale)
     out_dtype = query.dtype if out_dtype is None else out_dtype
     device = query.device
     flat_heads = batch * q_heads

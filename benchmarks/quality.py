@@ -57,7 +57,7 @@ from benchmarks.common import (  # noqa: E402
 from s2o import data  # noqa: E402
 from s2o.attention import dense_tiles  # noqa: E402
 from s2o.layout import SegmentLayout  # noqa: E402
-from s2o.reference import guided_row_order  # noqa: E402
+from s2o.reference import guided_row_order, softmax_scale  # noqa: E402
 
 THRESHOLDS = (0.0, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 ABLATION_THRESHOLDS = (0.003, 0.01, 0.03, 0.1)
@@ -302,10 +302,10 @@ def alternative_scores(
         else:
             raise ValueError(f"unknown representative {representative!r}")
         reps = torch.cat([p.mean(dim=3) for p in parts], dim=2)  # [B, H_ord, reps, D]
-        spreads = torch.cat([p.var(dim=3, unbiased=False) for p in parts], dim=2)
         history_keys = keys[:, :, :history]
         logits = torch.matmul(reps, history_keys.transpose(-1, -2))
         if variance_weight > 0:
+            spreads = torch.cat([p.var(dim=3, unbiased=False) for p in parts], dim=2)
             logits += variance_weight * torch.matmul(
                 spreads, history_keys.square().transpose(-1, -2)
             )
@@ -357,7 +357,7 @@ def attention_with_representative(
     dense tiles of one ordering head)."""
     q, k, v = inputs.query, inputs.key, inputs.value
     num_tokens, group = inputs.length, q.shape[1] // k.shape[1]
-    scale = inputs.scale if inputs.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale(q.shape[-1], inputs.scale)
     scores = alternative_scores(q, k, config, representative, scale)
     indices = s2o.permute_indices(
         scores,
@@ -848,7 +848,7 @@ def plot_attention_map(
         scale=inputs.scale,
     )
     local_head = unit_heads.index(head) if per_kv else 0
-    scale = inputs.scale if inputs.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = softmax_scale(q.shape[-1], inputs.scale)
     logits = (q[0, local_head].float() @ k[0, 0].float().T * scale).cpu()
     pos = torch.arange(length)
     logits.masked_fill_(pos[None, :] > pos[:, None], float("-inf"))

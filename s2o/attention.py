@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import S2OConfig
 from .layout import SegmentLayout, ceil_div
+from .reference import softmax_scale
 
 logger = logging.getLogger("s2o")
 
@@ -241,8 +242,7 @@ def attention(
     # Scores and ranked indices grow with the square of the length: rank and attend a few KV
     # heads at a time so that their scratch stays within config.workspace_bytes.
     chunks = _kv_head_chunks(key.shape[0], key.shape[1], group if not per_kv else 1, layout, config)
-    softmax_scale = scale if scale is not None else query.shape[-1] ** -0.5
-    variance_weight = config.score_variance * softmax_scale
+    variance_weight = config.score_variance * softmax_scale(query.shape[-1], scale)
     out = query.new_empty(query.shape) if len(chunks) > 1 else None
     all_counts = []
     for kv_begin, kv_end in chunks:

@@ -16,6 +16,11 @@ import torch
 from .layout import SegmentLayout, ceil_div
 
 
+def softmax_scale(head_dim: int, scale: float | None = None) -> float:
+    """``scale``, or SDPA's default 1/sqrt(head_dim) (the kernels' default too: csrc/checks.h)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 def _kv_for_query_heads(t: torch.Tensor, group: int) -> torch.Tensor:
     return t.repeat_interleave(group, dim=1) if group > 1 else t
 
@@ -39,7 +44,7 @@ def dense_attention(
         _kv_for_query_heads(key.float(), group),
         _kv_for_query_heads(value.float(), group),
     )
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(q.shape[-1], scale)
     logits = (q @ k.transpose(-1, -2)) * scale
     if is_causal:
         pos = torch.arange(q.shape[2], device=q.device)[:, None] + q_offset
@@ -197,7 +202,7 @@ def sparse_attention(
     kv_heads, num_keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     layout = SegmentLayout(num_queries, num_keys, segment_size, q_offset, is_causal)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = softmax_scale(head_dim, scale)
     if group_units and not order_per_kv_head:
         raise ValueError("group_units needs order_per_kv_head")
     unit_heads = group if group_units else 1
