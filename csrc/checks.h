@@ -184,6 +184,19 @@ inline void check_row_order(const at::Tensor& row_order, const at::Tensor& query
             query.size(2), "], got ", row_order.sizes());
 }
 
+// unit_threshold [B, H_unit] fp32 on query's device (H_unit: the units per batch entry).
+inline void check_unit_threshold(const at::Tensor& unit_threshold, const at::Tensor& query,
+                                 int64_t units) {
+  S2O_CHECK(unit_threshold.scalar_type() == at::kFloat, "unit_threshold must be float32, got ",
+            unit_threshold.scalar_type());
+  S2O_CHECK(unit_threshold.device() == query.device(), "unit_threshold must be on query's device (",
+            query.device(), "), got ", unit_threshold.device());
+  S2O_CHECK(unit_threshold.dim() == 2 && unit_threshold.size(0) == query.size(0) &&
+                unit_threshold.size(1) == units,
+            "unit_threshold must have shape [B, unit heads] = [", query.size(0), ", ", units,
+            "], got ", unit_threshold.sizes());
+}
+
 inline double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
   S2O_CHECK(std::isfinite(s), "scale must be finite, got ", s);

@@ -36,10 +36,13 @@ TORCH_LIBRARY(s2o, m) {
   // block_m)] int32 with H_unit = Hkv when group_units else Hq). row_order (CPU only; the
   // paper's query permutation) [B, Hq, Nq] int32: per query head, the order of each segment's
   // rows, so that query tile t of a segment takes its rows row_order[t * block_m : (t+1) *
-  // block_m]; None: rows in order.
+  // block_m]; None: rows in order. unit_threshold [B, H_unit] fp32 on query's device: per
+  // unit head, the threshold to use instead of `threshold`; a negative entry skips the head's
+  // units (tile count 0, their out and lse rows left unwritten): how s2o.attention recomputes
+  // the heads over its error budget without a host sync.
   m.def(
       "sparse_attention(Tensor query, Tensor key, Tensor value, Tensor indices, int segment_size, "
       "int q_offset, bool is_causal, bool order_per_kv_head, bool group_units, int block_m, "
-      "int block_n, float threshold, int patience=1, float? scale=None, Tensor? row_order=None) -> "
-      "(Tensor, Tensor, Tensor)");
+      "int block_n, float threshold, int patience=1, float? scale=None, Tensor? row_order=None, "
+      "Tensor? unit_threshold=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -50,6 +50,7 @@ def _sparse_attention_fake(
     patience=1,
     scale=None,
     row_order=None,
+    unit_threshold=None,
 ):
     batch, q_heads, num_queries, _ = query.shape
     units = key.shape[1] if group_units else q_heads

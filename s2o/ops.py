@@ -78,6 +78,7 @@ def sparse_attention(
     patience: int = 1,
     scale: float | None = None,
     row_order: torch.Tensor | None = None,
+    unit_threshold: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Early-stopping sparse attention over ranked history tiles.
 
@@ -93,6 +94,11 @@ def sparse_attention(
     head, the order of each segment's rows; query tile t of a segment takes the rows
     ``row_order[..., t * block_m : (t + 1) * block_m]`` (a permutation of the segment's rows;
     see :func:`s2o.reference.guided_row_order`). Outputs stay in row order.
+
+    ``unit_threshold``, fp32 ``[B, H_unit]`` on the query's device: per unit head, the threshold
+    to use instead of ``threshold``; a negative entry skips that head's units (tile count 0, its
+    ``out`` and ``lse`` rows are left unwritten). s2o.attention recomputes the heads over its
+    error budget this way, without reading anything back to the host.
 
     Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32, tile_counts [B, H_unit,
     ceil(Nq/block_m)] int32)``, ``H_unit = Hkv`` with ``group_units`` else ``Hq``.
@@ -113,4 +119,5 @@ def sparse_attention(
         patience,
         scale,
         row_order,
+        unit_threshold,
     )

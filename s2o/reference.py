@@ -196,6 +196,7 @@ def sparse_attention(
     patience: int = 1,
     scale: float | None = None,
     row_order: torch.Tensor | None = None,
+    unit_threshold: torch.Tensor | None = None,
 ) -> SparseResult:
     """Early-stopping sparse attention, one work unit at a time (see s2o.ops.sparse_attention)."""
     batch, q_heads, num_queries, head_dim = query.shape
@@ -222,6 +223,9 @@ def sparse_attention(
             kv_head = heads[0] // group
             list_head = kv_head if order_per_kv_head else heads[0]
             keys, values = k[b, kv_head], v[b, kv_head]
+            head_threshold = threshold if unit_threshold is None else float(unit_threshold[b, h])
+            if head_threshold < 0:  # skipped: nothing computed or written
+                continue
             for t in range(num_tiles):
                 slots = torch.arange(t * block_m, min((t + 1) * block_m, num_queries), device=dev)
                 segment = int(slots[0]) // segment_size
@@ -248,9 +252,10 @@ def sparse_attention(
                 for t0 in range(0, history, block_n):
                     max_ratio = unit.fold(keys, values, ranked[t0 : t0 + block_n], masked=False)
                     tiles += 1
-                    if threshold > 0:
-                        margins[b, h, t] = min(margins[b, h, t], abs(max_ratio / threshold - 1))
-                    quiet = quiet + 1 if max_ratio < threshold else 0
+                    if head_threshold > 0:
+                        margin = abs(max_ratio / head_threshold - 1)
+                        margins[b, h, t] = min(margins[b, h, t], margin)
+                    quiet = quiet + 1 if max_ratio < head_threshold else 0
                     if quiet >= patience:
                         break
                 counts[b, h, t] = tiles

@@ -292,3 +292,65 @@ def test_infinite_key_gives_non_finite_rows_like_sdpa():
     _, _, (out, _, _) = run_pipeline(case, q, k, v, threshold=0.05)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.equal(out.isfinite().all(-1), expected.isfinite().all(-1))
+
+
+def _unit_thresholds(batch: int, units: int) -> torch.Tensor:
+    """Per unit head: skipped (-1), exact (0) or a loose threshold (0.05); each of them once at
+    least where there are three unit heads or more."""
+    choices = torch.tensor([-1.0, 0.0, 0.05])
+    picks = torch.randint(0, 3, (batch, units))
+    first = min(3, picks.numel())
+    picks.view(-1)[:first] = torch.arange(first)
+    return choices[picks]
+
+
+@pytest.mark.parametrize("case", CPU_CASES[:3], ids=lambda c: c.id)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unit_threshold_matches_reference(case, mode):
+    q, k, v = make_qkv(case, peaky=True)
+    order_per_kv_head, group_units = MODES[mode]
+    _, indices, _ = run_pipeline(case, q, k, v, order_per_kv_head=order_per_kv_head)
+    units = case.kv_heads if group_units else case.q_heads
+    unit_threshold = _unit_thresholds(case.batch, units)
+    kwargs = dict(
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        order_per_kv_head=order_per_kv_head,
+        group_units=group_units,
+        block_m=case.block_m,
+        block_n=case.block_n,
+        threshold=0.3,  # replaced by every unit head's own entry
+    )
+    out, lse, counts = s2o.sparse_attention(
+        q, k, v, indices, unit_threshold=unit_threshold, **kwargs
+    )
+    ref = reference.sparse_attention(q, k, v, indices, unit_threshold=unit_threshold, **kwargs)
+    skipped = unit_threshold < 0
+    assert bool((counts[skipped] == 0).all()) and bool((counts[~skipped] > 0).all())
+    assert ref.tile_counts[skipped].sum() == 0
+    clear = ref.decision_margin > DECISION_MARGIN
+    assert torch.equal(counts[clear], ref.tile_counts[clear])
+    head_skipped = skipped.repeat_interleave(q.shape[1] // units, dim=1)
+    computed = ~head_skipped & clear.all(dim=-1).repeat_interleave(q.shape[1] // units, dim=1)
+    atol, rtol = TOLERANCES[q.dtype]
+    torch.testing.assert_close(out[computed], ref.out[computed], atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse[computed], ref.lse[computed], atol=1e-4, rtol=1e-5)
+    # Heads at 0 are exact.
+    exact = (unit_threshold == 0).repeat_interleave(q.shape[1] // units, dim=1)
+    dense, _ = reference.dense_attention(q, k, v, is_causal=case.is_causal, q_offset=case.q_offset)
+    torch.testing.assert_close(out[exact], dense[exact], atol=atol, rtol=rtol)
+
+
+def test_unit_threshold_errors():
+    case = CPU_CASES[0]
+    q, k, v = make_qkv(case)
+    _, indices, _ = run_pipeline(case, q, k, v)
+    kwargs = dict(segment_size=case.segment_size, block_m=case.block_m, block_n=case.block_n)
+    for bad, message in (
+        (torch.zeros(1, case.q_heads, dtype=torch.float64), "unit_threshold must be float32"),
+        (torch.zeros(1, case.q_heads + 1), r"unit_threshold must have shape \[B, unit heads\]"),
+        (torch.zeros(case.q_heads), r"unit_threshold must have shape"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            s2o.sparse_attention(q, k, v, indices, threshold=0.0, unit_threshold=bad, **kwargs)

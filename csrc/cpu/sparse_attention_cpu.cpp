@@ -9,6 +9,7 @@
 //     index. After each tile, with gain_r the tile's softmax mass of row r and l_r the row's total
 //     mass so far (same max frame), stop once max_r gain_r / l_r < threshold for `patience` tiles
 //     in a row.
+// With unit_threshold, each unit head uses its own threshold; a negative one skips its units.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -206,8 +207,8 @@ void check_row_order_values(const at::Tensor& row_order, const SegmentLayout& la
 template <typename scalar_t>
 void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              const at::Tensor& indices, const int32_t* row_order,
-                             const AttentionShape& shape, at::Tensor& out, at::Tensor& lse,
-                             at::Tensor& tile_counts) {
+                             const float* unit_threshold, const AttentionShape& shape,
+                             at::Tensor& out, at::Tensor& lse, at::Tensor& tile_counts) {
   const SegmentLayout& layout = shape.layout;
   const Operand<scalar_t> q(query), k(key), v(value);
   const int32_t* idx = indices.const_data_ptr<int32_t>();
@@ -231,6 +232,12 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
       const int64_t row_begin = tile * bm;
       const int64_t row_end = std::min(row_begin + bm, layout.num_queries);
       const int64_t segment = row_begin / layout.segment_size;
+      const float threshold =
+          unit_threshold ? unit_threshold[b * shape.units + h] : shape.threshold;
+      if (threshold < 0.0f) {  // a skipped unit: nothing computed, nothing written
+        counts[unit] = 0;
+        continue;
+      }
 
       // The unit's rows: unit_rows[r] is the query row of unit row r (head first_head + r / bm),
       // the tile's rows in order or as row_order lists them; -1 past the end of the queries.
@@ -279,7 +286,7 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
         load_tile(st, shape, k, v, b, kv_head, key_pos.data(), n);
         const float max_ratio = fold_tile(st, shape, n, key_pos.data(), /*causal_mask=*/false);
         ++tiles;
-        quiet_tiles = max_ratio < shape.threshold ? quiet_tiles + 1 : 0;
+        quiet_tiles = max_ratio < threshold ? quiet_tiles + 1 : 0;
         if (quiet_tiles >= shape.patience) break;
       }
 
@@ -300,10 +307,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, std::optional<double> scale, const std::optional<at::Tensor>& row_order) {
+    int64_t patience, std::optional<double> scale, const std::optional<at::Tensor>& row_order,
+    const std::optional<at::Tensor>& unit_threshold) {
   const SparseAttentionArgs args = check_sparse_attention_args(
       query, key, value, indices, segment_size, q_offset, is_causal, order_per_kv_head,
       group_units, block_m, block_n, threshold, patience, /*allow_fp32=*/true);
+  at::Tensor unit_threshold_c;
+  if (unit_threshold.has_value()) {
+    check_unit_threshold(*unit_threshold, query, args.units.units);
+    unit_threshold_c = unit_threshold->contiguous();
+  }
   at::Tensor row_order_c;
   if (row_order.has_value()) {
     check_row_order(*row_order, query);
@@ -336,8 +349,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
   S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "sparse_attention", [&] {
     sparse_attention_kernel<scalar_t>(
         query, key, value, indices_c,
-        row_order_c.defined() ? row_order_c.const_data_ptr<int32_t>() : nullptr, shape, out, lse,
-        tile_counts);
+        row_order_c.defined() ? row_order_c.const_data_ptr<int32_t>() : nullptr,
+        unit_threshold_c.defined() ? unit_threshold_c.const_data_ptr<float>() : nullptr, shape,
+        out, lse, tile_counts);
   });
   return {out, lse, tile_counts};
 }

@@ -50,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
     const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, std::optional<double> scale, const std::optional<at::Tensor>& row_order) {
+    int64_t patience, std::optional<double> scale, const std::optional<at::Tensor>& row_order,
+    const std::optional<at::Tensor>& unit_threshold) {
   const SparseAttentionArgs args = check_sparse_attention_args(
       query_in, key_in, value_in, indices, segment_size, q_offset, is_causal, order_per_kv_head,
       group_units, block_m, block_n, threshold, patience, /*allow_fp32=*/false);
@@ -71,6 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
   const c10::cuda::CUDAGuard guard(query_in.device());
   const at::Tensor query = with_aligned_rows(query_in), key = with_aligned_rows(key_in),
                    value = with_aligned_rows(value_in), indices_c = indices.contiguous();
+  at::Tensor unit_threshold_c;
+  if (unit_threshold.has_value()) {
+    check_unit_threshold(*unit_threshold, query_in, args.units.units);
+    unit_threshold_c = unit_threshold->contiguous();
+  }
   SparseAttentionParams p{};
   p.batch = int(query.size(0));
   p.q_heads = int(query.size(1));
@@ -85,6 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
   p.order_per_kv_head = order_per_kv_head;
   p.scale_log2 = float(resolve_scale(scale, head_dim) * M_LOG2E);
   p.threshold = float(threshold);
+  p.unit_threshold =
+      unit_threshold_c.defined() ? unit_threshold_c.const_data_ptr<float>() : nullptr;
   p.patience = int(patience);
   p.query = query.data_ptr();
   p.key = key.data_ptr();

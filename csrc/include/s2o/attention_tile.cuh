@@ -30,6 +30,8 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
 //   tiles [n_local, n_tiles):  the ranked history, rows gathered through the index list.
 struct WorkUnit {
   int q_tile, first_head, kv_head, list_head, unit_rows, n_local, n_tiles;
+  float threshold;  // the stop threshold: p.threshold or the unit head's p.unit_threshold entry
+  int32_t* tile_count;  // this unit's entry of p.tile_counts
   int64_t row_begin, row_end, segment, local_begin, local_end, history;
   const int32_t* ranked;  // [history]: the segment's history keys, ranked
 
@@ -53,7 +55,13 @@ struct WorkUnit {
     n_tiles = n_local + int(ceil_div(history, block_n));
     ranked = p.indices + (int64_t(b) * p.ordering_heads + list_head) * layout.total_history() +
              layout.history_offset(segment);
+    const int64_t unit_head = int64_t(b) * p.units + blockIdx.y;
+    threshold = p.unit_threshold ? p.unit_threshold[unit_head] : p.threshold;
+    tile_count = p.tile_counts + unit_head * p.num_q_tiles + q_tile;
   }
+
+  // A negative threshold skips the unit: nothing computed, nothing written but its tile count.
+  __device__ __forceinline__ bool skipped() const { return threshold < 0.0f; }
 
   __device__ __forceinline__ bool is_local(int t) const { return t < n_local; }
   // Tile t's first key position (local tiles) or first ranked slot (history tiles).

@@ -93,6 +93,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const SegmentLayout& layout = p.layout;
   const WorkUnit unit(p, kBlockN);
+  if (unit.skipped()) {  // uniform over the block: before any barrier
+    if (tid == 0) *unit.tile_count = 0;
+    return;
+  }
   const int b = blockIdx.z;
   const int n_local = unit.n_local, n_tiles = unit.n_tiles;
 
@@ -185,7 +189,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     row_max[m][0] = row_max[m][1] = -INFINITY;
     row_mass[m][0] = row_mass[m][1] = 0.0f;
   }
-  const bool early_stop = p.threshold > 0.0f;
+  const bool early_stop = unit.threshold > 0.0f;
   const bool positive_scale = p.scale_log2 > 0.0f;
   int quiet_tiles = 0, tiles_done = 0;
 
@@ -305,7 +309,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
 #pragma unroll
         for (int x = 0; x < 2; ++x) {
           loud |= ((valid_rows >> (2 * m + x)) & 1u) &&
-                  row_is_loud(tile_gain[m][x], row_mass[m][x], p.threshold);
+                  row_is_loud(tile_gain[m][x], row_mass[m][x], unit.threshold);
         }
       }
       loud = __any_sync(0xffffffff, loud);
@@ -316,7 +320,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   cp_async_wait<0>();
 
   if (tid == 0) {
-    p.tile_counts[(int64_t(b) * p.units + blockIdx.y) * p.num_q_tiles + unit.q_tile] = tiles_done;
+    *unit.tile_count = tiles_done;
   }
   Element* out = static_cast<Element*>(p.out);
 #pragma unroll

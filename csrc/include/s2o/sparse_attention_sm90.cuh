@@ -66,6 +66,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const SegmentLayout& layout = p.layout;
   const WorkUnit unit(p, kBlockN);
+  if (unit.skipped()) {  // uniform over the block: before any barrier
+    if (tid == 0) *unit.tile_count = 0;
+    return;
+  }
   const int b = blockIdx.z;
   const Element* k = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
                      unit.kv_head * p.k_strides.head;
@@ -146,7 +150,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_mass[2] = {0.0f, 0.0f};
-  const bool early_stop = p.threshold > 0.0f;
+  const bool early_stop = unit.threshold > 0.0f;
   const bool positive_scale = p.scale_log2 > 0.0f;
   int quiet_tiles = 0, tiles_done = 0;
 
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
       bool loud = false;
 #pragma unroll
       for (int x = 0; x < 2; ++x)
-        loud |= ((valid_rows >> x) & 1u) && row_is_loud(tile_gain[x], row_mass[x], p.threshold);
+        loud |= ((valid_rows >> x) & 1u) && row_is_loud(tile_gain[x], row_mass[x], unit.threshold);
       loud = __any_sync(0xffffffff, loud);
       if (lane == 0) s_loud[stage * kWarps + warp] = loud;
     }
@@ -234,7 +238,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   cp_async_wait<0>();
 
   if (tid == 0) {
-    p.tile_counts[(int64_t(b) * p.units + blockIdx.y) * p.num_q_tiles + unit.q_tile] = tiles_done;
+    *unit.tile_count = tiles_done;
   }
   Element* out = static_cast<Element*>(p.out);
 #pragma unroll
