@@ -199,8 +199,10 @@ def peak_extra_bytes(fn, args) -> int:
 
 def benchmark_config(threshold: float | None = None, rank_head: int | None = None) -> S2OConfig:
     """The defaults (or another threshold / rank_head), on every length (min_keys would send
-    short ones to SDPA), and strict: a fallback must never be measured as s2o."""
-    config = S2OConfig(strict=True, min_keys=0)
+    short ones to SDPA). Not strict, so that heads over the error budget are recomputed as in a
+    user's call (strict mode would raise); run() checks that every s2o row took the sparse
+    path: a fallback must never be measured as s2o."""
+    config = S2OConfig(min_keys=0)
     if threshold is not None:
         config = dataclasses.replace(config, threshold=threshold)
     if rank_head is not None:
@@ -241,9 +243,14 @@ def run(args, config: S2OConfig) -> list[dict]:
                 )
                 if name.startswith("s2o"):
                     _, stats = s2o_attention(name, config, q, k, v, return_stats=True)
+                    if stats.path != "sparse":
+                        raise SystemExit(f"{name} at {n} fell back ({stats.fallback_reason})")
                     times = stats.time_ms
                     row["density"] = stats.density
                     row["rank_share"] = (times["estimate"] + times["permute"]) / sum(times.values())
+                    row["check_share"] = times.get("check", 0.0) / sum(times.values())
+                    row["est_err"] = stats.error
+                    row["recomputed"] = stats.recomputed_heads
                     row["stage_ms"] = {key: round(val, 3) for key, val in times.items()}
                 rows_out.append(row)
                 print(format_row(row), row.get("stage_ms", ""), flush=True)
@@ -262,6 +269,9 @@ COLUMNS = (
     "mse",
     "rel_err",
     "rank_share",
+    "check_share",
+    "est_err",
+    "recomputed",
     "peak_extra_gib",
 )
 

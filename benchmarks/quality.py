@@ -211,8 +211,10 @@ def _s2o_point(name, threshold, out, reference, reference_sq, tile_counts, tiles
 
 
 def benchmark_config(**overrides) -> s2o.S2OConfig:
-    """The default S2OConfig with overrides; never falls back to dense SDPA silently."""
-    return s2o.S2OConfig(**{"min_keys": 0, "strict": True, **overrides})
+    """The default S2OConfig with overrides; never falls back to dense SDPA silently. Without an
+    error budget unless one is given: the curves are those of the sparse pass itself (with a
+    budget, strict mode would raise for a head over it)."""
+    return s2o.S2OConfig(**{"min_keys": 0, "strict": True, "error_budget": None, **overrides})
 
 
 def s2o_curve(
@@ -1035,6 +1037,8 @@ class LengthResult:
     floor: float
     seconds: dict[str, float]
     files: list[Path]
+    # [B * Hq] fp64: squared norm of each head's fp32 dense output (per-head relative errors).
+    head_reference_sq: list[float] = field(default_factory=list)
 
 
 def run_length(inputs: Inputs, args, out_dir: Path) -> LengthResult:
@@ -1106,6 +1110,7 @@ def run_length(inputs: Inputs, args, out_dir: Path) -> LengthResult:
             f"{' and '.join(names)} at the same overall density: mean density and MSE\n"
         )
         print(markdown_table(these_kinds))
+    head_reference_sq = result.reference.double().square().sum(dim=(2, 3)).flatten().tolist()
     del result
     curves = {**s2o_curves, **baseline_curves}
 
@@ -1127,7 +1132,9 @@ def run_length(inputs: Inputs, args, out_dir: Path) -> LengthResult:
         f"{inputs.name}: error vs density (baselines: tiles {args.block}x{args.block}; s2o: its "
         "own tile units)",
     )
-    return LengthResult(inputs.name, n, curves, rows, summary, kinds, mass, floor, seconds, files)
+    return LengthResult(
+        inputs.name, n, curves, rows, summary, kinds, mass, floor, seconds, files, head_reference_sq
+    )
 
 
 def make_inputs(args, length: int, kv_groups) -> Inputs:

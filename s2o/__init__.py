@@ -10,13 +10,14 @@ from . import (
     _C,  # noqa: F401  (registers the ops and their kernels)
     _meta,  # noqa: F401  (fake kernels for torch.compile)
 )
-from .attention import S2OFallbackError, S2OStats, attention, patch_sdpa
+from .attention import S2OErrorBudgetError, S2OFallbackError, S2OStats, attention, patch_sdpa
 from .config import S2OConfig
 from .integrations import patch_llama  # imports transformers only when called
 from .ops import estimate_importance, permute_indices, sparse_attention
 
 __all__ = [
     "S2OConfig",
+    "S2OErrorBudgetError",
     "S2OFallbackError",
     "S2OStats",
     "attention",

@@ -8,6 +8,7 @@ never measures the fallback by accident.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import error_estimate
 from .config import S2OConfig
 from .layout import SegmentLayout, ceil_div
 from .reference import softmax_scale
@@ -40,6 +42,10 @@ class S2OFallbackError(RuntimeError):
     """Raised in strict mode when s2o.attention would fall back to dense SDPA."""
 
 
+class S2OErrorBudgetError(RuntimeError):
+    """Raised in strict mode when a head's estimated error exceeds ``config.error_budget``."""
+
+
 @dataclass
 class S2OStats:
     """What one s2o.attention call did.
@@ -51,9 +57,18 @@ class S2OStats:
         tile_counts: int32 ``[B, H_ord, num_query_tiles]``, tiles computed per query tile.
         dense_tiles: total tiles dense attention would compute for the same shapes.
         block_m, block_n: the tile sizes used.
-        time_ms: milliseconds per stage (``estimate``, ``permute``, ``attend``; or ``dense``):
-            GPU time between CUDA events on the current stream (wall time on the CPU), measured
+        time_ms: milliseconds per stage (``estimate``, ``permute``, ``attend``, ``check`` (the
+            error estimate and the recomputation of heads over the budget); or ``dense``): GPU
+            time between CUDA events on the current stream (wall time on the CPU), measured
             only when stats are asked for.
+        head_error: fp32 ``[B, Hq]``, each head's estimated relative L2 error of the sparse pass
+            (``config.estimate_rows`` sampled rows computed exactly; see s2o.error_estimate),
+            before any recomputation. None without an estimate.
+        recomputed: bool ``[B, Hq]``, the heads recomputed exactly because their estimate
+            exceeded ``config.error_budget`` (their tiles are counted in ``density``).
+        error: the estimated relative L2 error of the whole returned output (recomputed heads
+            count as exact), or None.
+        recomputed_heads: how many heads were recomputed.
     """
 
     path: str
@@ -64,6 +79,10 @@ class S2OStats:
     block_m: int | None = None
     block_n: int | None = None
     time_ms: dict[str, float] = field(default_factory=dict)
+    head_error: torch.Tensor | None = None
+    recomputed: torch.Tensor | None = None
+    error: float | None = None
+    recomputed_heads: int = 0
 
 
 def _devices_with_kernels() -> frozenset[str]:
@@ -244,7 +263,10 @@ def attention(
     chunks = _kv_head_chunks(key.shape[0], key.shape[1], group if not per_kv else 1, layout, config)
     variance_weight = config.score_variance * softmax_scale(query.shape[-1], scale)
     out = query.new_empty(query.shape) if len(chunks) > 1 else None
-    all_counts = []
+    rows = None
+    if config.estimate_rows > 0:
+        rows = error_estimate.sample_rows(num_queries, config.estimate_rows, query.device)
+    all_counts, checks = [], []
     for kv_begin, kv_end in chunks:
         q_chunk = query[:, kv_begin * group : kv_end * group]
         k_chunk, v_chunk = key[:, kv_begin:kv_end], value[:, kv_begin:kv_end]
@@ -266,30 +288,44 @@ def attention(
         del scores
         if clock is not None:
             clock.lap("permute")
-        out_chunk, _, tile_counts = torch.ops.s2o.sparse_attention(
-            q_chunk,
-            k_chunk,
-            v_chunk,
-            indices,
-            config.segment_size,
-            q_offset,
-            is_causal,
-            per_kv,
-            config.group_units,
-            block_m,
-            config.block_n,
-            config.threshold,
-            config.patience,
-            scale,
-        )
-        del indices
+
+        # The op with everything but threshold, patience, scale, row_order, unit_threshold.
+        attend = functools.partial(
+            torch.ops.s2o.sparse_attention,
+            q_chunk, k_chunk, v_chunk, indices, config.segment_size, q_offset, is_causal, per_kv,
+            config.group_units, block_m, config.block_n,
+        )  # fmt: skip
+        out_chunk, _, tile_counts = attend(config.threshold, config.patience, scale)
+        if clock is not None:
+            clock.lap("attend")
+        if rows is not None:
+            squared, reference = error_estimate.sampled_squared_error(
+                out_chunk, q_chunk, k_chunk, v_chunk, rows,
+                q_offset=q_offset, is_causal=is_causal, scale=scale,
+            )  # fmt: skip
+            head_error = error_estimate.relative_error(squared, reference)
+            over = torch.zeros_like(head_error, dtype=torch.bool)
+            if config.error_budget is not None:
+                if config.is_strict():
+                    _raise_over_budget(head_error, kv_begin * group, config.error_budget)
+                over, redo_counts = _recompute_over_budget(
+                    functools.partial(attend, 0.0, config.patience, scale, None),
+                    out_chunk,
+                    head_error > config.error_budget,
+                    group,
+                    config.group_units,
+                )
+                tile_counts = tile_counts + redo_counts
+                squared = torch.where(over, 0.0, squared)
+            checks.append((head_error, over, squared, reference))
+            if clock is not None:
+                clock.lap("check")
+        del indices, attend
         if out is None:
             out = out_chunk
         else:
             out[:, kv_begin * group : kv_end * group].copy_(out_chunk)
         all_counts.append(tile_counts)
-        if clock is not None:
-            clock.lap("attend")
     if squeeze_heads:
         out = out.squeeze(1)
     if clock is None:
@@ -309,7 +345,52 @@ def attention(
         block_n=config.block_n,
         time_ms=clock.times,
     )
+    if checks:
+        head_error, recomputed, squared, reference = (
+            torch.cat(t, dim=1) for t in zip(*checks, strict=True)
+        )
+        stats.head_error, stats.recomputed = head_error, recomputed
+        stats.error = float(error_estimate.relative_error(squared.sum(), reference.sum()))
+        stats.recomputed_heads = int(recomputed.sum())
+        if stats.recomputed_heads and "error_budget" not in _logged_reasons:
+            _logged_reasons.add("error_budget")
+            logger.warning(
+                "s2o.attention: %d of %d heads exceeded error_budget=%g and were recomputed "
+                "exactly (logged once; S2OStats.recomputed says which)",
+                stats.recomputed_heads,
+                recomputed.numel(),
+                config.error_budget,
+            )
     return out, stats
+
+
+def _raise_over_budget(head_error: torch.Tensor, first_head: int, budget: float) -> None:
+    """Strict mode: raises S2OErrorBudgetError for the worst head over the budget (a host sync)."""
+    flat = int(head_error.flatten().argmax())
+    worst = float(head_error.flatten()[flat])
+    if worst > budget:
+        batch, head = divmod(flat, head_error.shape[1])
+        raise S2OErrorBudgetError(
+            f"s2o.attention: query head {first_head + head} (batch {batch}) has an estimated "
+            f"relative error of {worst:.1%}, above error_budget={budget:g}"
+        )
+
+
+def _recompute_over_budget(attend, out: torch.Tensor, over: torch.Tensor, group: int,
+                           group_units: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Recomputes exactly the heads flagged in ``over`` [B, Hq] bool, into ``out`` in place, on
+    the device: ``attend(unit_threshold)`` (the op at threshold 0) is one more launch in which
+    every other unit is skipped. With
+    group_units a flagged head takes its whole KV group along. Returns (the heads recomputed
+    [B, Hq], their tile counts, 0 for the skipped units)."""
+    if group_units:
+        unit_over = over.unflatten(1, (-1, group)).any(dim=2)
+        over = unit_over.repeat_interleave(group, dim=1)
+    else:
+        unit_over = over
+    exact, _, counts = attend(unit_over.float() - 1.0)  # 0: exact, -1: skipped
+    torch.where(over[:, :, None, None], exact, out, out=out)
+    return over, counts
 
 
 def dense_tiles(layout: SegmentLayout, block_m: int, block_n: int) -> int:

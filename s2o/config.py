@@ -47,7 +47,14 @@ class S2OConfig:
         workspace_bytes: scratch budget of the ranking (scores, sort buffers, indices grow with
             the square of the length): KV heads are processed in chunks that fit it (at least
             one KV head per chunk).
-        strict: raise instead of falling back to dense SDPA (also: environment S2O_STRICT=1).
+        estimate_rows: query rows per head computed exactly on every sparse call to estimate the
+            error of each head (s2o.error_estimate; reported in S2OStats). 0: no estimate (and
+            no budget).
+        error_budget: heads whose estimated relative L2 error exceeds it are recomputed exactly
+            on the device (no host sync); counted in S2OStats. In strict mode the call raises
+            S2OErrorBudgetError naming the head instead. None: no budget.
+        strict: raise instead of falling back to dense SDPA (also: environment S2O_STRICT=1),
+            or, with error_budget, instead of recomputing a head over the budget.
     """
 
     # 128 ranks twice as many segments as 256 (the estimate costs 9.3 instead of 5.4 ms at 128K
@@ -57,15 +64,12 @@ class S2OConfig:
     segment_size: int = 128
     block_m: int | None = None
     block_n: int = 64
-    # Measured on the structured data (H200, Llama-3.1-8B head shape, sampled-row error against fp32
-    # dense attention): patience 2 gives the lowest error at matched density at 128K (density
-    # 0.094 / error 9.96% at threshold 0.005, vs 11.9% for patience 1 at that density). With the
-    # variance term (score_variance 0.5) and segment_size 128, threshold 0.012 is the sparsest
-    # point inside the 10% error budget at 128K: density 0.052 / error 9.8% over all rows
-    # (benchmarks/quality.py; 0.01: 0.057 / 8.9%; 0.02: 0.039 / 12.8%), 4.7% at 32K. Without
-    # the two, threshold 0.004 was needed for 9.2% at density 0.104.
+    # Threshold 0.012: the sparsest point inside a 10% error at 128K on the structured data (H200,
+    # benchmarks/quality.py: density 0.052 / error 9.8% over all rows with patience 2). Patience
+    # 4: trained attention (SmolLM2-135M, 8K tokens of prose, no budget) puts 13 of 270 heads
+    # above 5% error instead of 37 with patience 2 (density 0.362 against 0.291); see README.
     threshold: float = 0.012
-    patience: int = 2
+    patience: int = 4
     ordering: Literal["kv_head", "query_head"] = "kv_head"
     group_units: bool = False
     # 12 bits (sign, exponent, 3 mantissa bits): the GPU's one-pass counting sort (4096 bins); more
@@ -96,6 +100,8 @@ class S2OConfig:
     # 32K: up to 16K the cuDNN backend is faster.
     min_keys: int = 16384
     workspace_bytes: int = 512 * 2**20
+    estimate_rows: int = 64
+    error_budget: float | None = 0.10
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -122,6 +128,15 @@ class S2OConfig:
             raise ValueError(f"rank_bits must be in [1, 32], got {self.rank_bits}")
         if not (math.isfinite(self.score_variance) and self.score_variance >= 0):
             raise ValueError(f"score_variance must be finite and >= 0, got {self.score_variance}")
+        if self.estimate_rows < 0:
+            raise ValueError(f"estimate_rows must be >= 0, got {self.estimate_rows}")
+        if self.error_budget is not None:
+            if not (math.isfinite(self.error_budget) and self.error_budget >= 0):
+                raise ValueError(
+                    f"error_budget must be None or finite and >= 0, got {self.error_budget}"
+                )
+            if self.estimate_rows == 0:
+                raise ValueError("error_budget needs estimate_rows > 0 (the per-head estimate)")
         if self.rank_head is not None and self.rank_head < 0:
             raise ValueError(
                 f"rank_head must be None or >= 0 (0: rank everything), got {self.rank_head}"

@@ -70,7 +70,9 @@ def main() -> None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     exact = S2OConfig(threshold=0.0, min_keys=1, strict=True)
-    default = S2OConfig(threshold=args.threshold, min_keys=1, strict=True)
+    # Not strict: strict mode would raise for a head over the error budget instead of
+    # recomputing it; the stats below say that the sparse path was taken.
+    default = S2OConfig(threshold=args.threshold, min_keys=1)
     repeats = 5 if cuda else 1
     print(
         f"s2o {s2o.__version__} demo on {torch.cuda.get_device_name(device) if cuda else 'CPU'}: "

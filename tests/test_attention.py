@@ -63,7 +63,7 @@ def test_default_config_on_structured_data_is_sparse_and_accurate():
     assert stats.density < 0.8
     assert ((out - dense).norm() / dense.norm()).item() < 0.10
     assert stats.tile_counts.shape == (1, 8, 4096 // stats.block_m)  # a unit per query head
-    assert set(stats.time_ms) == {"estimate", "permute", "attend"}
+    assert set(stats.time_ms) == {"estimate", "permute", "attend", "check"}
 
 
 def test_rank_head_reaches_the_ranking():
@@ -212,3 +212,77 @@ def test_head_chunking_gives_the_same_result(ordering):
     assert torch.equal(out, out2)
     assert torch.equal(stats.tile_counts, stats2.tile_counts)
     assert stats.density == stats2.density
+
+
+def test_sample_rows_cover_the_sequence_once_per_stratum():
+    from s2o.error_estimate import sample_rows
+
+    for num_queries, count in ((1000, 64), (64, 64), (10, 64), (4097, 7)):
+        rows = sample_rows(num_queries, count, torch.device("cpu"))
+        n = min(count, num_queries)
+        assert rows.shape == (n,) and rows.dtype == torch.int64
+        assert (
+            bool((rows[1:] > rows[:-1]).all()) and 0 <= int(rows[0]) and int(rows[-1]) < num_queries
+        )
+        bounds = torch.arange(n + 1) * num_queries // n  # stratum i: rows [bounds[i], bounds[i+1])
+        assert bool((rows >= bounds[:-1]).all()) and bool((rows < bounds[1:]).all())
+
+
+def _per_head_error(out, dense):
+    return ((out - dense).norm(dim=(2, 3)) / dense.norm(dim=(2, 3)))[0]
+
+
+def test_error_estimate_tracks_the_true_error():
+    q, k, v = data.structured_qkv(4096, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
+    config = S2OConfig(min_keys=1, threshold=0.05, error_budget=None, estimate_rows=256)
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
+    )
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    true = _per_head_error(out, dense)
+    assert stats.head_error.shape == (1, 8) and not bool(stats.recomputed.any())
+    assert float(true.min()) > 0.005  # a threshold loose enough that there is an error to see
+    ratio = stats.head_error[0] / true
+    assert 0.6 < float(ratio.median()) < 1.6, ratio
+    overall = ((out - dense).norm() / dense.norm()).item()
+    assert 0.5 < stats.error / overall < 2.0
+
+
+def test_error_budget_recomputes_the_heads_over_it_exactly():
+    q, k, v = data.structured_qkv(2048, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
+    loose = dict(min_keys=1, threshold=0.3, patience=1)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    free, free_stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True,
+        config=S2OConfig(**loose, error_budget=None), return_stats=True,
+    )  # fmt: skip
+    budget = float(free_stats.head_error.median())  # some heads over it, some under
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True,
+        config=S2OConfig(**loose, error_budget=budget), return_stats=True,
+    )  # fmt: skip
+    over = free_stats.head_error[0] > budget
+    assert torch.equal(stats.recomputed[0], over) and 0 < stats.recomputed_heads < 8
+    assert torch.equal(stats.head_error, free_stats.head_error)
+    torch.testing.assert_close(out[:, over], dense[:, over], atol=2e-5, rtol=2e-5)
+    assert torch.equal(out[:, ~over], free[:, ~over])
+    # Recomputed heads cost their dense tiles on top of the first pass.
+    redo = stats.tile_counts - free_stats.tile_counts
+    assert bool((redo[:, ~over] == 0).all()) and bool((redo[:, over] > 0).all())
+    assert stats.density > free_stats.density
+    assert stats.error < free_stats.error
+
+
+def test_error_budget_in_strict_mode_raises_naming_the_head():
+    q, k, v = data.structured_qkv(2048, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
+    config = S2OConfig(min_keys=1, threshold=0.3, patience=1, error_budget=0.001, strict=True)
+    with pytest.raises(s2o.S2OErrorBudgetError, match=r"query head \d+ \(batch 0\).*error_budget"):
+        s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
+
+
+def test_error_budget_config_errors():
+    with pytest.raises(ValueError, match="error_budget"):
+        S2OConfig(error_budget=-0.1)
+    with pytest.raises(ValueError, match="estimate_rows"):
+        S2OConfig(estimate_rows=0)
+    S2OConfig(estimate_rows=0, error_budget=None)  # no estimate, no budget

@@ -195,7 +195,7 @@ def test_structured_long_sequence_against_cpu_and_dense(attention_kernel):
     """At 4K on the structured data (Llama head shape), the GPU computes the CPU kernel's tile
     counts (all but near-threshold units) and stays within the error of the sparse method."""
     q, k, v = data.structured_qkv(4096, dtype=torch.bfloat16, seed=2)
-    config = S2OConfig(threshold=0.02, min_keys=1, strict=True)
+    config = S2OConfig(threshold=0.02, min_keys=1, strict=True, error_budget=None)
     out, stats = s2o.attention(
         q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
     )
@@ -222,7 +222,9 @@ def test_structured_long_sequence_against_cpu_and_dense(attention_kernel):
 def test_cuda_graph_capture():
     q = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    config = S2OConfig(threshold=0.01, min_keys=1, strict=True)
+    # Not strict: the error estimate and the budget's recomputation are captured too (strict mode
+    # reads the estimate back to raise, a host sync).
+    config = S2OConfig(threshold=0.01, min_keys=1, error_budget=0.05)
     eager = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -296,3 +298,63 @@ def test_head_chunking_gives_the_same_result():
         q, k, v, is_causal=True, enable_gqa=True, config=chunked, return_stats=True
     )
     assert torch.equal(out, out2) and torch.equal(stats.tile_counts, stats2.tile_counts)
+
+
+@pytest.mark.parametrize("case", [CUDA_CASES[1], CUDA_CASES[2], CUDA_CASES[7]], ids=lambda c: c.id)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unit_threshold_matches_cpu(case, mode, attention_kernel):
+    """Per unit head thresholds: skipped units (-1) count 0 tiles and leave their rows alone,
+    exact ones (0) and loose ones compute what the CPU kernel computes."""
+    order_per_kv_head, group_units = MODES[mode]
+    if group_units and case.q_heads // case.kv_heads * case.block_m > 128:
+        pytest.skip("unit larger than the CUDA kernel's 128 rows")
+    (q, k, v), (qc, kc, vc) = _pair(case, torch.bfloat16)
+    modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
+    _, indices, _ = run_pipeline(case, q, k, v, **modes)
+    units = case.kv_heads if group_units else case.q_heads
+    unit_threshold = torch.tensor([-1.0, 0.0, 0.03])[torch.arange(case.batch * units) % 3]
+    unit_threshold = unit_threshold.view(case.batch, units)
+    kwargs = dict(
+        segment_size=case.segment_size,
+        q_offset=case.q_offset,
+        is_causal=case.is_causal,
+        block_m=case.block_m,
+        block_n=case.block_n,
+        threshold=0.5,
+        **modes,
+    )
+    out, lse, counts = s2o.sparse_attention(
+        q, k, v, indices, unit_threshold=unit_threshold, **kwargs
+    )
+    out_c, lse_c, counts_c = s2o.sparse_attention(
+        qc, kc, vc, indices.cuda(), unit_threshold=unit_threshold.cuda(), **kwargs
+    )
+    ref = reference.sparse_attention(q, k, v, indices, unit_threshold=unit_threshold, **kwargs)
+    skipped = unit_threshold < 0
+    assert bool((counts_c.cpu()[skipped] == 0).all()) and bool((counts_c.cpu()[~skipped] > 0).all())
+    clear = ref.decision_margin > DECISION_MARGIN
+    assert torch.equal(counts_c.cpu()[clear], counts[clear])
+    group = case.q_heads // units
+    computed = (~skipped & clear.all(dim=-1)).repeat_interleave(group, dim=1)
+    atol, rtol = CUDA_TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(
+        out_c.cpu()[computed].float(), out[computed].float(), atol=atol, rtol=rtol
+    )
+    torch.testing.assert_close(lse_c.cpu()[computed], lse[computed], atol=2e-3, rtol=1e-4)
+
+
+def test_error_budget_on_cuda_recomputes_like_cpu():
+    q, k, v = data.structured_qkv(2048, q_heads=8, kv_heads=2, head_dim=128, dtype=torch.bfloat16)
+    config = S2OConfig(min_keys=1, threshold=0.3, patience=1, error_budget=0.02)
+    dense = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+    )
+    out, stats = s2o.attention(
+        q.cuda(), k.cuda(), v.cuda(), is_causal=True, enable_gqa=True, config=config,
+        return_stats=True,
+    )  # fmt: skip
+    over = stats.recomputed[0].cpu()
+    assert 0 < int(over.sum()) <= 8
+    torch.testing.assert_close(out.cpu()[:, over].float(), dense[:, over], atol=2e-2, rtol=2e-2)
+    error = (out.cpu().float() - dense).norm(dim=(2, 3)) / dense.norm(dim=(2, 3))
+    assert float(error[0, over].max()) < 0.01
