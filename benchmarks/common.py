@@ -16,10 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_config_overrides(spec: str) -> dict:
-    """``"ordering=query_head,segment_size=128"`` -> S2OConfig overrides (int, float or str)."""
+    """``"ordering=query_head,segment_size=128"`` -> S2OConfig overrides (int, float, None for
+    ``None``, or str)."""
     overrides = {}
     for item in filter(None, spec.split(",")):
         key, value = item.split("=", 1)
+        if value.strip() == "None":
+            overrides[key.strip()] = None
+            continue
         for convert in (int, float, str):
             try:
                 overrides[key.strip()] = convert(value.strip())

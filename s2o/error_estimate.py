@@ -7,7 +7,8 @@ query heads of a KV group as G x count rows against their own K/V, nothing repea
 mask of each row's position) and returns, per head, the relative L2 error of the sparse output on
 them: ``||out_s - exact_s|| / ||exact_s||`` over the sampled rows. Everything stays on the device
 (no host sync; CUDA graphs capture it). Its cost is ``count`` query rows per head of dense
-attention: at 128K and 64 rows about 1/2000 of the dense call.
+attention: at 128K and 64 rows about 1/2000 of the dense call's work. On CUDA long histories are
+split into key chunks computed side by side and merged by their log-sum-exp (_KEY_CHUNK).
 
 What it estimates: the relative L2 error over all rows of the head, from a sample. Errors of
 trained heads concentrate in few rows, so a small sample can miss them (the estimate then reads
@@ -45,19 +46,81 @@ def exact_rows(
     is_causal: bool,
     scale: float | None,
 ) -> torch.Tensor:
-    """Dense attention of query rows ``rows`` [R]: [B, Hq, R, D] in query's dtype."""
+    """Dense attention of query rows ``rows`` [R]: [B, Hq, R, D] (fp32 on CUDA past
+    _KEY_CHUNK keys, else query's dtype)."""
     batch, q_heads, _, head_dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, num_keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     count = rows.shape[0]
     sampled = query.index_select(2, rows).reshape(batch, kv_heads, group * count, head_dim)
-    mask = None
-    if is_causal:
-        positions = rows + q_offset
-        keys = torch.arange(key.shape[2], device=query.device)
-        mask = (keys[None, :] <= positions[:, None]).repeat(group, 1)  # [G * R, Nk]
-    exact = _sdpa(sampled, key, value, attn_mask=mask, scale=scale)
+    positions = (rows + q_offset).repeat(group) if is_causal else None  # [G * R]
+    if query.device.type == "cuda" and num_keys > _KEY_CHUNK:
+        exact = _chunked_exact_rows(sampled, key, value, positions, scale)
+    else:
+        mask = None
+        if is_causal:
+            mask = torch.arange(num_keys, device=query.device)[None, :] <= positions[:, None]
+        exact = _sdpa(sampled, key, value, attn_mask=mask, scale=scale)
     return exact.reshape(batch, q_heads, count, head_dim)
+
+
+# Keys per chunk of the exact rows on CUDA. A few hundred sampled rows against a long history
+# give the attention kernel too few thread blocks (one per 64 rows and head); chunks of the keys
+# side by side, merged by their log-sum-exp, fill the GPU.
+_KEY_CHUNK = 8192
+
+
+def _chunked_exact_rows(sampled, key, value, positions, scale) -> torch.Tensor:
+    """sampled [B, Hkv, M, D] against key/value [B, Hkv, N, D] in chunks of _KEY_CHUNK keys (the
+    whole chunks in one call, the rest in a second), rows masked past ``positions`` [M] (None:
+    no mask); merged in fp32: [B, Hkv, M, D]."""
+    num_keys = key.shape[2]
+    whole = num_keys // _KEY_CHUNK
+    parts = [_attend_chunks(sampled, key, value, 0, whole, _KEY_CHUNK, positions, scale)]
+    if num_keys > whole * _KEY_CHUNK:
+        tail = num_keys - whole * _KEY_CHUNK
+        parts.append(
+            _attend_chunks(sampled, key, value, whole * _KEY_CHUNK, 1, tail, positions, scale)
+        )
+    out = torch.cat([p[0] for p in parts], dim=1)  # [B, C, Hkv, M, D]
+    lse = torch.cat([p[1] for p in parts], dim=1)  # [B, C, Hkv, M]
+    weights = torch.softmax(lse, dim=1)  # a row sees key 0, so chunk 0's lse is finite
+    return (weights.unsqueeze(-1) * out.nan_to_num()).sum(dim=1)
+
+
+def _attend_chunks(sampled, key, value, begin, chunks, size, positions, scale):
+    """Keys [begin, begin + chunks * size) as ``chunks`` chunks of ``size``: per chunk the
+    attention output (fp32) and log-sum-exp of every sampled row, [B, C, Hkv, M, D] and
+    [B, C, Hkv, M]."""
+    batch, kv_heads, rows, head_dim = sampled.shape
+    span = slice(begin, begin + chunks * size)
+
+    def by_chunk(t):  # [B, Hkv, C * size, D] -> [B * C, Hkv, size, D]
+        t = t[:, :, span].unflatten(2, (chunks, size)).transpose(1, 2)
+        return t.reshape(batch * chunks, kv_heads, size, head_dim)
+
+    q = sampled.unsqueeze(1).expand(batch, chunks, kv_heads, rows, head_dim)
+    q = q.reshape(batch * chunks, kv_heads, rows, head_dim)
+    bias = None
+    if positions is not None:
+        # Additive mask [C, M, size], its rows padded to 16 elements (the kernel's alignment).
+        padded = -(-size // 16) * 16
+        first = begin + size * torch.arange(chunks, device=q.device).view(chunks, 1, 1)
+        keys = first + torch.arange(padded, device=q.device)  # [C, 1, padded]: key positions
+        bias = torch.zeros(chunks, rows, padded, device=q.device, dtype=q.dtype)
+        bias.masked_fill_(keys > positions[None, :, None], float("-inf"))
+        bias = bias.repeat(batch, 1, 1)[:, None, :, :size].expand(-1, kv_heads, -1, -1)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, by_chunk(key), by_chunk(value), bias, True, scale=scale
+    )[:2]
+    out = out.float().view(batch, chunks, kv_heads, rows, head_dim)
+    lse = lse[..., :rows].reshape(batch, chunks, kv_heads, rows)  # the kernel pads its rows
+    if positions is not None:
+        # A row that sees no key of a chunk gets lse +inf from the kernel: make it -inf (weight 0).
+        first = begin + size * torch.arange(chunks, device=q.device)
+        unseen = first[:, None] > positions[None, :]  # [C, M]
+        lse = lse.masked_fill(unseen[None, :, None, :], float("-inf"))
+    return out, lse
 
 
 def sampled_squared_error(

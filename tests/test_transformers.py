@@ -181,7 +181,9 @@ def test_chunked_prefill_with_dynamic_cache_matches_one_shot():
 def test_patch_llama_routes_through_s2o_and_undo_restores_exactly(kind, implementation):
     model, s2o_model = _models(implementation, "s2o", kind=kind)
     prompt = _prompt(300)
-    loose = S2OConfig(threshold=0.5, min_keys=1, segment_size=64)
+    # Patience 1 and no error budget: the short histories would not stop otherwise, and the
+    # budget would recompute the loose heads; both would hide the patch's effect.
+    loose = S2OConfig(threshold=0.5, patience=1, min_keys=1, segment_size=64, error_budget=None)
     with torch.no_grad():
         original = model(prompt).logits
         handle = s2o.patch_llama(model, loose)
