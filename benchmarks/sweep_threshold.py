@@ -49,9 +49,7 @@ def main() -> None:
         for variant in args.variants:
             for threshold in args.thresholds:
                 overrides = parse_config_overrides(variant)
-                config = S2OConfig(
-                    threshold=threshold, strict=True, error_budget=None, **overrides
-                )
+                config = S2OConfig(threshold=threshold, strict=True, error_budget=None, **overrides)
                 out, stats = s2o.attention(
                     q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
                 )
