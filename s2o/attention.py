@@ -354,7 +354,8 @@ def attention(
             _logged_reasons.add("error_budget")
             logger.warning(
                 "s2o.attention: %d of %d heads exceeded error_budget=%g and were recomputed "
-                "exactly (logged once; S2OStats.recomputed says which)",
+                "(at a tenth of the threshold, then exactly if still over; logged once; "
+                "S2OStats.recomputed says which)",
                 stats.recomputed_heads,
                 recomputed.numel(),
                 config.error_budget,

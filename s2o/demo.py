@@ -4,12 +4,16 @@
     python -m s2o.demo --length 8192 --threshold 0.003
 
 Prints, per method: length, time, density (share of the dense attention's tiles computed), and
-the MSE and relative L2 error of the output against fp32 dense attention.
+the MSE and relative L2 error of the output against fp32 dense attention. Where the trained model
+of s2o.models is installed, a last row runs it on 2K tokens of real text (s2o.texts) with s2o in
+every layer: density, the error estimate of the calls, and next-token top-1 agreement with the
+dense model (``--no-model`` leaves it out).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -55,6 +59,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=None, help="default: 32768 GPU, 4096 CPU")
     parser.add_argument("--threshold", type=float, default=S2OConfig.threshold)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-model", action="store_true", help="skip the trained-model row")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -93,11 +98,51 @@ def main() -> None:
             _, stats = s2o.attention(
                 q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
             )
+            assert stats.path == "sparse", stats.fallback_reason
             density = stats.density
         out, ms = _time_ms(fn, device, repeats)
         err = out[:, :, rows].float() - ref
         mse, rel = err.pow(2).mean().item(), (err.norm() / ref.norm()).item()
         print(f"{name:<24}{length:>8}{ms:>10.1f}{density:>9.3f}{mse:>11.2e}{rel:>9.4f}")
+    if not args.no_model:
+        trained_model_row(default)
+
+
+MODEL_TOKENS = 2048
+
+
+@torch.no_grad()
+def trained_model_row(config: S2OConfig) -> None:
+    """SmolLM2-135M (CPU, fp32) on MODEL_TOKENS tokens of prose: dense SDPA against s2o in every
+    layer (min_keys 0, the rest as ``config``)."""
+    from s2o import models, texts
+    from s2o.integrations.transformers import record_stats
+
+    missing = models.missing_packages()
+    if missing:
+        print(f"(trained-model row skipped: {', '.join(missing)} not installed)")
+        return
+    model, tokenizer = models.load_smollm2()
+    ids = texts.text_input_ids(tokenizer, texts.load_text("prose"), MODEL_TOKENS)
+    start = time.perf_counter()
+    dense = model(input_ids=ids, use_cache=False).logits[0]
+    dense_s = time.perf_counter() - start
+    sparse_config = dataclasses.replace(config, min_keys=0)
+    with s2o.patch_llama(model, sparse_config), record_stats() as recorder:
+        start = time.perf_counter()
+        sparse = model(input_ids=ids, use_cache=False).logits[0]
+        sparse_s = time.perf_counter() - start
+    calls = recorder.sparse_calls
+    errors = [call.stats.error for call in calls]
+    top1 = (dense.argmax(-1) == sparse.argmax(-1)).float().mean().item()
+    print(
+        f"\nSmolLM2-135M (trained, CPU fp32), {MODEL_TOKENS} tokens of prose, s2o in "
+        f"{len(calls)} of {model.config.num_hidden_layers} layers: forward {sparse_s:.1f} s "
+        f"(dense {dense_s:.1f} s), density {recorder.density():.3f}, estimated attention error "
+        f"mean {sum(errors) / len(errors):.4f} / worst layer {max(errors):.4f}, heads recomputed "
+        f"{sum(call.stats.recomputed_heads for call in calls)}, next-token top-1 agreement "
+        f"{top1:.4f}"
+    )
 
 
 if __name__ == "__main__":
