@@ -265,7 +265,7 @@ def test_error_budget_recomputes_the_heads_over_it_exactly():
     assert torch.equal(stats.recomputed[0], over) and 0 < stats.recomputed_heads < 8
     assert torch.equal(stats.head_error, free_stats.head_error)
     assert torch.equal(out[:, ~over], free[:, ~over])
-    # Recomputed heads (at a tenth of the threshold, then exactly if still over) are more
+    # Recomputed heads (at a tenth of the threshold, or exactly when far over) are more
     # accurate and cost tiles on top of the first pass; the others cost nothing more.
     error, free_error = _per_head_error(out, dense), _per_head_error(free, dense)
     assert bool((error[over] < free_error[over]).all())
