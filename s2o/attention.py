@@ -263,9 +263,7 @@ def attention(
     chunks = _kv_head_chunks(key.shape[0], key.shape[1], group if not per_kv else 1, layout, config)
     variance_weight = config.score_variance * softmax_scale(query.shape[-1], scale)
     out = query.new_empty(query.shape) if len(chunks) > 1 else None
-    rows = None
-    if config.estimate_rows > 0:
-        rows = error_estimate.sample_rows(num_queries, config.estimate_rows, query.device)
+    exact = None  # the exact sampled rows of every head, after the first chunk
     all_counts, checks = [], []
     for kv_begin, kv_end in chunks:
         q_chunk = query[:, kv_begin * group : kv_end * group]
@@ -298,11 +296,19 @@ def attention(
         out_chunk, _, tile_counts = attend(config.threshold, config.patience, scale)
         if clock is not None:
             clock.lap("attend")
-        if rows is not None:
+        if config.estimate_rows > 0:
+            if exact is None:
+                # Rows drawn by the first chunk's output norms, computed for every head in one
+                # dense call (one call per chunk at 128K, 8-16 chunks, costs several times
+                # more: each fills only part of the GPU).
+                weights = error_estimate.row_weights(out_chunk)
+                rows, factors = error_estimate.sample_rows(weights, config.estimate_rows)
+                exact = error_estimate.exact_rows(
+                    query, key, value, rows, q_offset=q_offset, is_causal=is_causal, scale=scale
+                )
             estimate = functools.partial(
                 error_estimate.sampled_squared_error,
-                query=q_chunk, key=k_chunk, value=v_chunk, rows=rows,
-                q_offset=q_offset, is_causal=is_causal, scale=scale,
+                exact=exact[:, kv_begin * group : kv_end * group], rows=rows, factors=factors,
             )  # fmt: skip
             squared, reference = estimate(out_chunk)
             head_error = error_estimate.relative_error(squared, reference)

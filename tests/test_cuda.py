@@ -379,7 +379,7 @@ def test_error_estimate_exact_rows_over_key_chunks(is_causal):
     q = torch.randn(2, 8, n, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k[:, :, ::997] *= 4  # a few keys that some rows attend to strongly
-    rows = error_estimate.sample_rows(n, 48, q.device)
+    rows, _ = error_estimate.sample_rows(torch.ones(n, device=q.device), 48)
     exact = error_estimate.exact_rows(q, k, v, rows, q_offset=0, is_causal=is_causal, scale=None)
     expected = F.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=True
