@@ -318,7 +318,7 @@ def attention(
                     _raise_over_budget(head_error, kv_begin * group, config.error_budget)
                 squared, over, redo_counts = _recompute_over_budget(
                     functools.partial(attend, scale=scale),
-                    out_chunk, squared, reference, config, group, estimate, clock is not None,
+                    out_chunk, squared, reference, config, group,
                 )  # fmt: skip
                 tile_counts = tile_counts + redo_counts
             checks.append((head_error, over, squared, reference))
@@ -360,8 +360,7 @@ def attention(
             _logged_reasons.add("error_budget")
             logger.warning(
                 "s2o.attention: %d of %d heads exceeded error_budget=%g and were recomputed "
-                "(at a tenth of the threshold, exactly when over twice the budget; logged once; "
-                "S2OStats.recomputed says which)",
+                "exactly (logged once; S2OStats.recomputed says which)",
                 stats.recomputed_heads,
                 recomputed.numel(),
                 config.error_budget,
@@ -381,39 +380,26 @@ def _raise_over_budget(head_error: torch.Tensor, first_head: int, budget: float)
         )
 
 
-# A head over the budget by at most this factor is recomputed at RETRY_THRESHOLD_FACTOR x the
-# threshold (about 2.5x its tiles on the structured data), one further over it exactly (1 /
-# density times its tiles at long lengths): one pass, so that a call with no head over the budget
-# pays one skipped launch and one merge, not a ladder of them.
-_RETRY_ERROR_FACTOR = 2.0
-_RETRY_THRESHOLD_FACTOR = 0.1
-
-
-def _recompute_over_budget(attend, out, squared, reference, config, group, estimate, measure):
-    """Recomputes the heads whose estimate is over ``config.error_budget``, into ``out`` in
-    place, on the device, in one more launch in which every other unit is skipped
-    (unit_threshold < 0): at a tenth of the threshold where the estimate is within twice the
-    budget, exactly beyond. With group_units a flagged head takes its whole KV group along.
-    ``attend(threshold, patience, unit_threshold=)`` runs the op on this chunk;
-    ``estimate(out)`` gives the squared error and reference of the sampled rows; with
-    ``measure`` (stats asked for) the recomputed heads are estimated again. Returns (the
-    squared-error estimate after recomputation, 0 for exact heads, unmeasured ones keep their
-    first estimate; the heads recomputed [B, Hq] bool; their tile counts)."""
+def _recompute_over_budget(attend, out, squared, reference, config, group):
+    """Recomputes the heads whose estimate is over ``config.error_budget`` exactly, into ``out``
+    in place, on the device, in one more launch in which every other unit is skipped
+    (unit_threshold < 0), so that a call with no head over the budget pays one skipped launch
+    and one merge. Exactly, not at a lower threshold: at 128K on the structured data a tenth of
+    the threshold cost as much as exact (the flagged heads' rankings put the keys they miss
+    late) and left a head at 13%. With group_units a flagged head takes its whole KV group
+    along. ``attend(threshold, patience, unit_threshold=)`` runs the op on this chunk. Returns
+    (the squared-error estimate, 0 for the recomputed heads; the heads recomputed [B, Hq] bool;
+    their tile counts)."""
     error = error_estimate.relative_error(squared, reference)
     if config.group_units:
         error = error.unflatten(1, (-1, group)).amax(dim=2)  # per unit: its worst head
-    retry = torch.where(error > _RETRY_ERROR_FACTOR * config.error_budget, 0.0,
-                        config.threshold * _RETRY_THRESHOLD_FACTOR)  # fmt: skip
-    unit_threshold = torch.where(error > config.error_budget, retry, -1.0).float()  # -1: skip
+    unit_threshold = torch.where(error > config.error_budget, 0.0, -1.0).float()  # -1: skip
     redo, _, counts = attend(config.threshold, config.patience, unit_threshold=unit_threshold)
-    over = unit_threshold >= 0
-    exact = unit_threshold == 0
+    over = unit_threshold == 0
     if config.group_units:
-        over, exact = (t.repeat_interleave(group, dim=1) for t in (over, exact))
+        over = over.repeat_interleave(group, dim=1)
     torch.where(over[:, :, None, None], redo, out, out=out)
-    if measure:
-        squared = torch.where(over, estimate(out)[0], squared)
-    return torch.where(exact, 0.0, squared), over, counts
+    return torch.where(over, 0.0, squared), over, counts
 
 
 def dense_tiles(layout: SegmentLayout, block_m: int, block_n: int) -> int:

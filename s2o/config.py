@@ -51,8 +51,7 @@ class S2OConfig:
             error of each head (s2o.error_estimate; reported in S2OStats). 0: no estimate (and
             no budget).
         error_budget: heads whose estimated relative L2 error exceeds it are recomputed on the
-            device (no host sync) at a tenth of the threshold, or exactly where the estimate is
-            over twice the budget; counted in S2OStats. In strict mode the call raises
+            device (no host sync), exactly; counted in S2OStats. In strict mode the call raises
             S2OErrorBudgetError naming the head instead. None: no budget.
         strict: raise instead of falling back to dense SDPA (also: environment S2O_STRICT=1),
             or, with error_budget, instead of recomputing a head over the budget.

@@ -366,7 +366,7 @@ def test_error_budget_on_cuda_recomputes_the_heads_over_it():
         return ((t.float() - dense).norm(dim=(2, 3)) / dense.norm(dim=(2, 3)))[0]
 
     assert bool((error(out)[over] < error(free)[over]).all())
-    assert float(error(out)[over].max()) < 0.05
+    assert float(error(out)[over].max()) < 0.01  # exact, to bf16 rounding
 
 
 @pytest.mark.parametrize("is_causal", [True, False])
