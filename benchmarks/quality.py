@@ -10,7 +10,7 @@ Commands (from the repository root):
 
     python benchmarks/quality.py --smoke                   # CPU: 4K (16 heads), 8K (8 heads)
     python benchmarks/quality.py --device cuda --lengths 32768 65536 131072 \\
-        --ablation-length 32768 --s2o-variants ordering=query_head
+        --ablation-length 32768 --s2o-variants ordering=kv_head
     python benchmarks/quality.py --device cuda --model PATH --text-file FILE --layers 0 15 31 \\
         --lengths 32768                                   # Q/K/V captured from a local model
 
@@ -640,11 +640,10 @@ def ablation_variants(group_size: int = 4) -> list[Variant]:
     return [
         Variant("default", "default"),
         Variant("check", "mean, scored in Python", representative="mean"),
-        Variant("ordering", "query_head, block_m auto", {"ordering": "query_head"}),
-        Variant(
-            "ordering",
-            f"query_head, block_m={default_block_m}",
-            {"ordering": "query_head", "block_m": default_block_m},
+        *(
+            Variant("ordering", value, {"ordering": value})
+            for value in ("kv_head", "query_head")
+            if value != default.ordering
         ),
         *knob("segment_size", (128, 256, 512)),
         *knob("patience", (1, 2)),
@@ -1190,7 +1189,7 @@ def parse_args(argv=None):
         "--s2o-variants",
         nargs="*",
         default=[],
-        help="more s2o curves, each S2OConfig overrides like ordering=query_head,segment_size=128",
+        help="more s2o curves, each S2OConfig overrides like ordering=kv_head,segment_size=128",
     )
     parser.add_argument("--ablation-length", type=int, default=32768, help="0: no ablations")
     parser.add_argument("--ablation-kv-groups", type=int, nargs="+", default=None)

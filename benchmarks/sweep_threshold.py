@@ -29,7 +29,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=[""],
-        help="S2OConfig overrides per variant, e.g. 'patience=2,ordering=query_head'",
+        help="S2OConfig overrides per variant, e.g. 'patience=2,ordering=kv_head'",
     )
     parser.add_argument("--out", type=Path, default=Path("results/sweep"))
     args = parser.parse_args()

@@ -71,7 +71,15 @@ class S2OConfig:
     # recomputed (0.012: ten). Measurements in the README ("Error estimate and error budget").
     threshold: float = 0.003
     patience: int = 4
-    ordering: Literal["kv_head", "query_head"] = "kv_head"
+    # One ranking per query head: the G heads of a KV group attend to different keys in trained
+    # models, and their pooled mean ranks none of them well. SmolLM2-135M at 8K (threshold
+    # 0.003, patience 4, budget 10%; all 270 heads, all rows): prose: kv_head density 0.562, 3
+    # heads above 5%, worst 14.8%; query_head 0.488, none above 5%, worst 2.1%, p90 0.7%; code:
+    # 0.583, 2 above 5%, worst 14.4% against 0.490, none, worst 2.9%. On the copy task at 4K
+    # (second-copy rows) kv_head leaves 3 heads above 10% there, query_head none. It costs G
+    # times the scoring and ranking work: H200, structured data, 128K: estimate 34 against 10 ms,
+    # permute 12 against 3 ms, density 0.116 against 0.150 (benchmarks/attention_speed.py).
+    ordering: Literal["kv_head", "query_head"] = "query_head"
     group_units: bool = False
     # 12 bits (sign, exponent, 3 mantissa bits): the GPU's one-pass counting sort (4096 bins); more
     # bits take CUB's radix sort. On the structured data at 8K it ranks as well as exact fp32 order
