@@ -19,13 +19,16 @@ if _MISSING:
         allow_module_level=True,
     )
 
+from benchmarks import model_e2e  # noqa: E402
 from s2o.capture import capture_attention  # noqa: E402
 from s2o.integrations.transformers import record_stats  # noqa: E402
 
 # Bound on each layer's relative L2 attention error at 2K (prose, default config with
 # min_keys=0), over all rows and heads of the layer against fp32 SDPA on the captured Q/K/V.
-# Measured (patience 4, error budget 10%): worst layer 0.0256 (layer 19), mean 0.0043.
-LAYER_ERROR_BOUND = 0.075
+# Measured at the defaults (query_head ordering, threshold 0.003, patience 4, budget 10%): worst
+# layer 0.0010 (layer 4), mean 0.0004, mean density 0.924, worst head 0.36%. With the ranking
+# pooled per KV head (ordering="kv_head") layer 19 reaches 0.0256 (one head at 5.8%).
+LAYER_ERROR_BOUND = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -139,5 +142,25 @@ def test_layer_errors_at_2k_stay_bounded(smollm2, prose):
         f"layer {worst}: relative L2 error {errors[worst]:.4f} >= {LAYER_ERROR_BOUND}; "
         f"all: {[round(e, 4) for e in errors]}"
     )
-    # The stop rule did skip tiles: not a dense run in disguise.
-    assert sum(densities) / num_layers < 0.95
+    # The stop rule did skip tiles: not a dense run in disguise (measured mean density 0.92).
+    assert sum(densities) / num_layers < 0.98
+
+
+def test_copy_accuracy_with_s2o_matches_dense_at_2k(smollm2, prose):
+    model, tokenizer = smollm2
+    ids, rows, targets = model_e2e.copy_input(tokenizer, prose, 2048, seed=0, name="prose")
+    config = model_e2e.s2o_config({})
+    dense, sparse, calls, _, _ = model_e2e.dense_and_s2o_hidden(model, ids, config, "copy")
+    assert calls["all_layers_sparse"]
+    metrics = model_e2e.next_token_metrics(model, dense, sparse, rows, targets)
+    positions = metrics["positions"]
+    assert positions == model_e2e.COPY_SPAN - 1
+    hits_dense = round(metrics["acc_dense"] * positions)
+    hits_s2o = round(metrics["acc_s2o"] * positions)
+    assert hits_dense >= 0.75 * positions  # the model does copy (measured: 206 of 255)
+    # s2o is not exact at 2K (density ~0.9 at the defaults): on ~2% of the copy positions the
+    # argmax flips between close candidates (top-1 agreement 0.98), so one position either way
+    # is allowed. Measured at the defaults: seed 0 (tested) 206 dense against 205 s2o (with
+    # ordering="kv_head" seeds 1 and 2 gave 212 / 212 and 210 / 209; at threshold 0.012 212 /
+    # 210 and 210 / 206). At 4K and 8K s2o loses more (benchmarks/model_e2e.py, README).
+    assert abs(hits_s2o - hits_dense) <= 1, (hits_dense, hits_s2o, metrics["top1_agree"])
