@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: the run header and result files."""
+"""Helpers shared by the benchmark scripts: the run header, result files and the texts."""
 
 from __future__ import annotations
 
@@ -124,3 +124,13 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def benchmark_texts(kinds: list[str], text_file: str | None = None) -> dict[str, tuple[str, str]]:
+    """name -> (text, source) of the texts a run reads: the user's ``text_file`` as ``file``,
+    else each of ``kinds`` from s2o.texts."""
+    from s2o import texts
+
+    if text_file:
+        return {"file": (Path(text_file).read_text(), f"file {text_file}")}
+    return {kind: (texts.load_text(kind), texts.text_source(kind)) for kind in kinds}

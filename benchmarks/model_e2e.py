@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import s2o  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
+    benchmark_texts,
     markdown_table,
     parse_config_overrides,
     print_header,
@@ -502,17 +503,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     config = s2o_config(parse_config_overrides(args.config))
-    if args.text_file:
-        named_texts = {"file": Path(args.text_file).read_text()}
-        sources = {"file": f"file {args.text_file}"}
-    else:
-        named_texts = {kind: texts.load_text(kind) for kind in args.texts}
-        sources = {kind: texts.text_source(kind) for kind in args.texts}
+    loaded = benchmark_texts(args.texts, args.text_file)
+    named_texts = {name: text for name, (text, _) in loaded.items()}
     first = next(iter(named_texts))
     header = run_header("cpu")
     header["model"] = f"{models.SMOLLM2_GGUF} ({models.SMOLLM2_PACKAGE} {models.SMOLLM2_VERSION})"
     header["s2o_config"] = str(config)
-    header["texts"] = "; ".join(f"{name}: {source}" for name, source in sources.items())
+    header["texts"] = "; ".join(f"{name}: {source}" for name, (_, source) in loaded.items())
     print_header(header)
 
     dtype = torch.float32

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import baselines, quality  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
+    benchmark_texts,
     markdown_table,
     print_header,
     run_header,
@@ -44,12 +45,6 @@ from s2o import models, texts  # noqa: E402
 from s2o.capture import capture_attention  # noqa: E402
 
 BUDGET_LINES = (0.05, 0.10)  # error levels counted in the summaries
-
-
-def text_for(args, kind: str) -> tuple[str, str]:
-    if kind == "file":
-        return Path(args.text_file).read_text(), f"file {args.text_file}"
-    return texts.load_text(kind), texts.text_source(kind)
 
 
 def captured_inputs(model, tokenizer, text: str, name: str, length: int, layers) -> quality.Inputs:
@@ -217,7 +212,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.thresholds = sorted(set(args.thresholds) | {quality.DEFAULT_THRESHOLD})
     args.out = Path(args.out) if args.out else REPO_ROOT / "results" / "model_heads"
-    args.kinds = ["file"] if args.text_file else args.texts
     return args
 
 
@@ -237,8 +231,7 @@ def main(argv=None) -> int:
             loaded[factor] = models.load_smollm2(rope_scaling=factor)
         model, tokenizer = loaded[factor]
         layers = args.layers or list(range(model.config.num_hidden_layers))
-        for kind in args.kinds:
-            text, source = text_for(args, kind)
+        for kind, (text, source) in benchmark_texts(args.texts, args.text_file).items():
             start = time.perf_counter()
             inputs = captured_inputs(model, tokenizer, text, kind, length, layers)
             tag = f"{kind}_N{length}" + (f"_rope{factor:g}" if factor else "")

@@ -306,11 +306,9 @@ def attention(
                 exact = error_estimate.exact_rows(
                     query, key, value, rows, q_offset=q_offset, is_causal=is_causal, scale=scale
                 )
-            estimate = functools.partial(
-                error_estimate.sampled_squared_error,
-                exact=exact[:, kv_begin * group : kv_end * group], rows=rows, factors=factors,
-            )  # fmt: skip
-            squared, reference = estimate(out_chunk)
+            squared, reference = error_estimate.sampled_squared_error(
+                out_chunk, exact[:, kv_begin * group : kv_end * group], rows, factors
+            )
             head_error = error_estimate.relative_error(squared, reference)
             over = torch.zeros_like(head_error, dtype=torch.bool)
             if config.error_budget is not None:
