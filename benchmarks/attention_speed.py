@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import s2o  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    at_threshold,
     parse_config_overrides,
     print_header,
     run_header,
@@ -213,13 +214,14 @@ def peak_extra_bytes(fn, args) -> int:
 
 
 def benchmark_config(threshold: float | None = None, rank_head: int | None = None) -> S2OConfig:
-    """The defaults (or another threshold / rank_head), on every length (min_keys would send
+    """The defaults (or another threshold, the tail threshold in proportion, or rank_head), on
+    every length (min_keys would send
     short ones to SDPA). Not strict, so that heads over the error budget are recomputed as in a
     user's call (strict mode would raise); run() checks that every s2o row took the sparse
     path: a fallback must never be measured as s2o."""
     config = S2OConfig(min_keys=0)
     if threshold is not None:
-        config = dataclasses.replace(config, threshold=threshold)
+        config = dataclasses.replace(config, **at_threshold(threshold))
     if rank_head is not None:
         config = dataclasses.replace(config, rank_head=rank_head)
     return config

@@ -15,6 +15,21 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def at_threshold(threshold: float) -> dict:
+    """S2OConfig overrides for the operating point at ``threshold``: the tail threshold moves with
+    it in the default's proportion (0 and 0: exact), so that sweeping one knob traces s2o's
+    error-vs-density curve through the default."""
+    from s2o import S2OConfig
+
+    default = S2OConfig()
+    if default.tail_threshold is None or default.threshold == 0:
+        return {"threshold": threshold}
+    return {
+        "threshold": threshold,
+        "tail_threshold": threshold * default.tail_threshold / default.threshold,
+    }
+
+
 def parse_config_overrides(spec: str) -> dict:
     """``"ordering=query_head,segment_size=128"`` -> S2OConfig overrides (int, float, None for
     ``None``, or str)."""

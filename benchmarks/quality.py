@@ -1,7 +1,8 @@
 """Quality benchmark: error vs density of s2o against block-sparse baselines on the same inputs.
 
 For each length: the inputs' attention statistics; every baseline of benchmarks/baselines.py swept
-over its knob; s2o swept over ``S2OConfig.threshold``; the s2o error ratio at matched density and
+over its knob; s2o swept over ``S2OConfig.threshold`` (the tail threshold in proportion:
+benchmarks.common.at_threshold); the s2o error ratio at matched density and
 density ratio at matched error against each baseline, the best non-oracle baseline at each point
 and the oracle; CSV/JSON tables and PNG plots; then ablations of s2o's knobs on one length; then
 self-checks (monotone curves, files written), exiting non-zero when one fails.
@@ -47,6 +48,7 @@ import s2o  # noqa: E402
 from benchmarks import baselines  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
+    at_threshold,
     markdown_table,
     parse_config_overrides,
     print_header,
@@ -234,7 +236,7 @@ def s2o_curve(
     reference_sq = float(reference.double().square().sum())
     points = []
     for threshold in thresholds:
-        config = benchmark_config(threshold=threshold, **config_overrides)
+        config = benchmark_config(**{**at_threshold(threshold), **config_overrides})
         if representative is None:
             out, stats = s2o.attention(
                 inputs.query,
@@ -384,6 +386,7 @@ def attention_with_representative(
         block_n=config.block_n,
         threshold=config.threshold,
         patience=config.patience,
+        tail_threshold=config.tail_threshold,
         scale=inputs.scale,
         row_order=row_order,
     )
@@ -846,6 +849,7 @@ def plot_attention_map(
         block_n=config.block_n,
         threshold=config.threshold,
         patience=config.patience,
+        tail_threshold=config.tail_threshold,
         scale=inputs.scale,
     )
     local_head = unit_heads.index(head) if per_kv else 0

@@ -1,5 +1,7 @@
-"""Density and error of s2o against the threshold at long lengths (GPU), plus the structured
-data's attention-mass statistics: a quick look before the full quality benchmark.
+"""Density and error of s2o against the threshold (the tail threshold in proportion) at long
+lengths (GPU), plus the structured data's attention-mass statistics: a quick look before the full
+quality benchmark. Errors over all rows against an fp32 reference, with the worst head and the
+worst block of rows.
 
     python benchmarks/sweep_threshold.py --lengths 32768 131072 --thresholds 0.001 0.003 0.01 0.03
     python benchmarks/sweep_threshold.py --variants "" "patience=2" "segment_size=128,block_m=32"
@@ -16,8 +18,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import s2o  # noqa: E402
-from benchmarks.attention_speed import reference_rows, sample_rows  # noqa: E402
-from benchmarks.common import parse_config_overrides, print_header, run_header, write_json  # noqa: E402
+from benchmarks.attention_speed import errors, reference  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    at_threshold,
+    parse_config_overrides,
+    print_header,
+    run_header,
+    write_json,
+)
 from s2o import S2OConfig, data  # noqa: E402
 
 
@@ -44,25 +52,26 @@ def main() -> None:
             sel = torch.tensor([x == kind for x in kinds])
             top = [round(float(v), 3) for v in shares[sel].mean(0)]
             print(f"# {n}: {kind:>9} heads, mass in top 1/3/10% of keys: {top}")
-        sampled = sample_rows(n)
-        ref = reference_rows(q, k, v, sampled)
+        ref = reference(q, k, v)
         for variant in args.variants:
             for threshold in args.thresholds:
                 overrides = parse_config_overrides(variant)
-                config = S2OConfig(threshold=threshold, strict=True, error_budget=None, **overrides)
+                config = S2OConfig(
+                    **{**at_threshold(threshold), "strict": True, "error_budget": None, **overrides}
+                )
                 out, stats = s2o.attention(
                     q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
                 )
-                err = out[:, :, sampled].float() - ref
                 row = dict(
                     length=n,
                     variant=variant or "default",
                     threshold=threshold,
+                    tail_threshold=config.tail_threshold,
                     density=stats.density,
-                    rel_err=float(err.norm() / ref.norm()),
-                    mse=float(err.pow(2).mean()),
+                    **errors(out, ref),
                     ms=sum(stats.time_ms.values()),
                 )
+                del out
                 rows.append(row)
                 print(
                     " ".join(

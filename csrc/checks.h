@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include "message.h"
@@ -109,7 +110,8 @@ inline SegmentLayout check_permute_args(const at::Tensor& scores, int64_t num_qu
 }
 
 inline void check_attention_knobs(int64_t segment_size, int64_t block_m, int64_t block_n,
-                                  double threshold, int64_t patience) {
+                                  double threshold, int64_t patience,
+                                  std::optional<double> tail_threshold) {
   S2O_CHECK(block_m > 0, "block_m must be positive, got ", block_m);
   S2O_CHECK(block_n > 0, "block_n must be positive, got ", block_n);
   S2O_CHECK(segment_size % block_m == 0, "segment_size (", segment_size,
@@ -117,6 +119,14 @@ inline void check_attention_knobs(int64_t segment_size, int64_t block_m, int64_t
   S2O_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold must be finite and >= 0, got ",
               threshold);
   S2O_CHECK(patience >= 1, "patience must be >= 1, got ", patience);
+  S2O_CHECK(!tail_threshold || (std::isfinite(*tail_threshold) && *tail_threshold >= 0),
+            "tail_threshold must be finite and >= 0 (or None), got ", tail_threshold.value_or(0));
+}
+
+// The kernels' form of tail_threshold: None -> +inf (the projection never binds).
+inline float tail_threshold_or_inf(std::optional<double> tail_threshold) {
+  return tail_threshold ? static_cast<float>(*tail_threshold)
+                        : std::numeric_limits<float>::infinity();
 }
 
 // indices [B, H_ord, total_history] int32, from permute_indices.
@@ -159,10 +169,10 @@ inline SparseAttentionArgs check_sparse_attention_args(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, bool allow_fp32) {
+    int64_t patience, std::optional<double> tail_threshold, bool allow_fp32) {
   check_query_key(query, key, allow_fp32);
   check_value(value, query, key);
-  check_attention_knobs(segment_size, block_m, block_n, threshold, patience);
+  check_attention_knobs(segment_size, block_m, block_n, threshold, patience, tail_threshold);
   SparseAttentionArgs args{
       check_layout(query.size(2), key.size(2), segment_size, q_offset, is_causal),
       check_units(query.size(1), key.size(1), order_per_kv_head, group_units),

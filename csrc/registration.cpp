@@ -31,7 +31,8 @@ TORCH_LIBRARY(s2o, m) {
   // Early-stopping sparse attention: per work unit (block_m query rows of one query head, or of
   // the G heads of a KV group together when group_units), the local keys densely with the causal
   // mask, then the history in tiles of block_n keys taken from `indices` in order, stopping once
-  // max_row(tile mass / row mass) < threshold for `patience` tiles in a row. Returns (out
+  // max_row(tile mass / row mass) < threshold for `patience` tiles in a row (with tail_threshold,
+  // also below tail_threshold / the history tiles left: csrc/include/s2o/stop_rule.h). Returns (out
   // [B, Hq, Nq, D] in query's dtype, lse [B, Hq, Nq] fp32, tile_counts [B, H_unit, ceil(Nq /
   // block_m)] int32 with H_unit = Hkv when group_units else Hq). row_order (CPU only; the
   // paper's query permutation) [B, Hq, Nq] int32: per query head, the order of each segment's
@@ -44,5 +45,5 @@ TORCH_LIBRARY(s2o, m) {
       "sparse_attention(Tensor query, Tensor key, Tensor value, Tensor indices, int segment_size, "
       "int q_offset, bool is_causal, bool order_per_kv_head, bool group_units, int block_m, "
       "int block_n, float threshold, int patience=1, float? scale=None, Tensor? row_order=None, "
-      "Tensor? unit_threshold=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? unit_threshold=None, float? tail_threshold=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -51,6 +51,7 @@ def _sparse_attention_fake(
     scale=None,
     row_order=None,
     unit_threshold=None,
+    tail_threshold=None,
 ):
     batch, q_heads, num_queries, _ = query.shape
     units = key.shape[1] if group_units else q_heads

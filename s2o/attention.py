@@ -291,7 +291,7 @@ def attention(
         attend = functools.partial(
             torch.ops.s2o.sparse_attention,
             q_chunk, k_chunk, v_chunk, indices, config.segment_size, q_offset, is_causal, per_kv,
-            config.group_units, block_m, config.block_n,
+            config.group_units, block_m, config.block_n, tail_threshold=config.tail_threshold,
         )  # fmt: skip
         out_chunk, _, tile_counts = attend(config.threshold, config.patience, scale)
         if clock is not None:

@@ -25,6 +25,11 @@ class S2OConfig:
         threshold: stop once every row of a query tile gets less than this share of its softmax
             mass from the latest history tile (for ``patience`` tiles in a row). 0: exact.
         patience: consecutive quiet tiles before stopping.
+        tail_threshold: a history tile also keeps a query tile going while the tiles left,
+            were each as heavy as it, could add this share of a row's mass (the bar of tile t is
+            ``min(threshold, tail_threshold / tiles left)``): diffuse rows, whose tiles weigh
+            alike, run on; rows whose tiles fall off fast stop where ``threshold`` stops them.
+            None: ``threshold`` alone.
         ordering: ``"kv_head"``: one ranking per KV head, shared by the G query heads of its
             group; ``"query_head"``: one ranking per query head (G times the ranking work).
         group_units: with ``"kv_head"`` ordering, the G query heads of a group form one work unit
@@ -71,6 +76,15 @@ class S2OConfig:
     # recomputed (0.012: ten). Measurements in the README ("Error estimate and error budget").
     threshold: float = 0.003
     patience: int = 4
+    # 0.05: the loosest round value that keeps every block of 128 rows of random data under 20%
+    # (H200, all rows, benchmarks/attention_speed.py): at 128K worst block 16.4% (0.1: 23.8%),
+    # all rows 5.6%, no head recomputed, 365 ms (1.14x SDPA-flash) where without it the budget
+    # recomputed all 32 heads exactly (493 ms); at 32K worst block 11.9% (without: 25.9%). On the
+    # structured data at 128K it costs density (0.417 against 0.241: 184 against 128 ms) and
+    # buys the worst head 1.4% (without: 13.0%, four heads recomputed and one still over the
+    # budget). SmolLM2-135M at 8K: density 0.590 / 0.587 (prose / code) against 0.488 / 0.490,
+    # worst head 0.5% / 1.0% against 2.1% / 2.9%.
+    tail_threshold: float | None = 0.05
     # One ranking per query head: the G heads of a KV group attend to different keys in trained
     # models, and their pooled mean ranks none of them well. SmolLM2-135M at 8K (threshold
     # 0.003, patience 4, budget 10%; all 270 heads, all rows): prose: kv_head density 0.562, 3
@@ -131,6 +145,10 @@ class S2OConfig:
             )
         if not self.threshold >= 0 or self.threshold == float("inf"):
             raise ValueError(f"threshold must be finite and >= 0, got {self.threshold}")
+        if self.tail_threshold is not None and not 0 <= self.tail_threshold < math.inf:
+            raise ValueError(
+                f"tail_threshold must be finite and >= 0 (or None), got {self.tail_threshold}"
+            )
         if self.group_units and self.ordering != "kv_head":
             raise ValueError("group_units needs ordering='kv_head'")
         if not 1 <= self.rank_bits <= 32:

@@ -79,6 +79,7 @@ def sparse_attention(
     scale: float | None = None,
     row_order: torch.Tensor | None = None,
     unit_threshold: torch.Tensor | None = None,
+    tail_threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Early-stopping sparse attention over ranked history tiles.
 
@@ -89,6 +90,11 @@ def sparse_attention(
     row's own) densely with the causal mask, then the history in tiles of ``block_n`` keys taken
     from ``indices`` in order, stopping once ``max_row(tile mass / row mass) < threshold`` for
     ``patience`` tiles in a row. ``threshold=0`` visits every key: dense attention.
+
+    ``tail_threshold``: the bar of history tile t is ``min(threshold, tail_threshold / R)``
+    with R the history tiles after it: a tile also keeps the unit going when the tiles left,
+    were each as heavy as it, could add ``tail_threshold`` of a row's mass (diffuse rows run on;
+    rows whose tiles fall off fast stop where ``threshold`` stops them). None: off.
 
     ``row_order`` (CPU only; the paper's query permutation), int32 ``[B, Hq, Nq]``: per query
     head, the order of each segment's rows; query tile t of a segment takes the rows
@@ -120,4 +126,5 @@ def sparse_attention(
         scale,
         row_order,
         unit_threshold,
+        tail_threshold,
     )

@@ -179,6 +179,16 @@ class _OnlineSoftmax:
         return self.max + torch.log(self.mass)
 
 
+def stop_threshold(threshold: float, tail_threshold: float | None, remaining_tiles: int) -> float:
+    """The stop rule's bar for a history tile with ``remaining_tiles`` after it:
+    ``min(threshold, tail_threshold / remaining_tiles)``, the quotient in fp32 as the kernels
+    compute it (csrc/include/s2o/stop_rule.h)."""
+    if tail_threshold is None or remaining_tiles <= 0:
+        return threshold
+    tail = torch.tensor(tail_threshold, dtype=torch.float32)
+    return min(threshold, float(tail / float(remaining_tiles)))
+
+
 def sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -197,6 +207,7 @@ def sparse_attention(
     scale: float | None = None,
     row_order: torch.Tensor | None = None,
     unit_threshold: torch.Tensor | None = None,
+    tail_threshold: float | None = None,
 ) -> SparseResult:
     """Early-stopping sparse attention, one work unit at a time (see s2o.ops.sparse_attention)."""
     batch, q_heads, num_queries, head_dim = query.shape
@@ -248,14 +259,17 @@ def sparse_attention(
                 history = layout.history_length(segment)
                 offset = layout.history_offset(segment)
                 ranked = indices[b, list_head, offset : offset + history].long()
+                history_tiles = ceil_div(history, block_n)
                 quiet = 0
                 for t0 in range(0, history, block_n):
                     max_ratio = unit.fold(keys, values, ranked[t0 : t0 + block_n], masked=False)
                     tiles += 1
-                    if head_threshold > 0:
-                        margin = abs(max_ratio / head_threshold - 1)
-                        margins[b, h, t] = min(margins[b, h, t], margin)
-                    quiet = quiet + 1 if max_ratio < head_threshold else 0
+                    bar = stop_threshold(
+                        head_threshold, tail_threshold, history_tiles - t0 // block_n - 1
+                    )
+                    if bar > 0:
+                        margins[b, h, t] = min(margins[b, h, t], abs(max_ratio / bar - 1))
+                    quiet = quiet + 1 if max_ratio < bar else 0
                     if quiet >= patience:
                         break
                 counts[b, h, t] = tiles

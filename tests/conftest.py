@@ -137,6 +137,7 @@ def run_pipeline(
     rank_bits=32,
     rank_head=0,
     row_order=None,
+    tail_threshold=None,
 ):
     """The three ops in sequence; returns (scores, indices, (out, lse, tile_counts))."""
     _, scores = s2o.estimate_importance(
@@ -165,5 +166,6 @@ def run_pipeline(
         threshold=threshold,
         patience=patience,
         row_order=row_order,
+        tail_threshold=tail_threshold,
     )
     return scores, indices, result

@@ -239,7 +239,10 @@ def _per_head_error(out, dense):
 
 def test_error_estimate_tracks_the_true_error():
     q, k, v = data.structured_qkv(4096, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
-    config = S2OConfig(min_keys=1, threshold=0.1, patience=1, error_budget=None, estimate_rows=256)
+    config = S2OConfig(
+        min_keys=1, threshold=0.1, patience=1, tail_threshold=None, error_budget=None,
+        estimate_rows=256,
+    )  # fmt: skip
     out, stats = s2o.attention(
         q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
     )
@@ -253,15 +256,40 @@ def test_error_estimate_tracks_the_true_error():
     assert 0.5 < stats.error / overall < 2.0
 
 
+def _diffuse_qkv():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 4096, 64, generator=generator)
+    k, v = (torch.randn(1, 2, 4096, 64, generator=generator) for _ in range(2))
+    return q, k, v
+
+
+def test_tail_threshold_keeps_diffuse_attention_inside_the_budget():
+    """Random Q/K/V at a threshold that alone stops the late rows with much of their mass
+    missing (above): the default tail threshold keeps every head inside the 10% budget and every
+    block of 128 rows under 20%, without the budget's recomputation."""
+    q, k, v = _diffuse_qkv()
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    config = S2OConfig(min_keys=1, threshold=0.05, patience=1, error_budget=None)
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
+    )
+    assert stats.density < 1.0
+    assert float(_per_head_error(out, dense).max()) < 0.1
+    squared = (out - dense).square().sum(dim=-1)[0].unflatten(1, (-1, 128)).sum(dim=(0, 2))
+    norms = dense.square().sum(dim=-1)[0].unflatten(1, (-1, 128)).sum(dim=(0, 2))
+    assert float((squared / norms).sqrt().max()) < 0.2
+
+
 def test_error_estimate_tracks_the_true_error_on_diffuse_attention():
     """Random Q/K/V: a row's output norm falls with its position, so the few first rows hold
     much of a head's norm while the later rows, which stop with mass missing, hold the error.
     An even sample that includes row 0 read about half the true error here; drawn by the
-    output norm the estimate is within 10% for every head."""
-    generator = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 8, 4096, 64, generator=generator)
-    k, v = (torch.randn(1, 2, 4096, 64, generator=generator) for _ in range(2))
-    config = S2OConfig(min_keys=1, threshold=0.05, patience=1, error_budget=None)
+    output norm the estimate is within 10% for every head. (Without the tail projection, which
+    keeps such rows going: test_tail_threshold_keeps_diffuse_attention_inside_the_budget.)"""
+    q, k, v = _diffuse_qkv()
+    config = S2OConfig(
+        min_keys=1, threshold=0.05, patience=1, tail_threshold=None, error_budget=None
+    )
     out, stats = s2o.attention(
         q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
     )
@@ -274,7 +302,7 @@ def test_error_estimate_tracks_the_true_error_on_diffuse_attention():
 
 def test_error_budget_recomputes_the_heads_over_it_exactly():
     q, k, v = data.structured_qkv(2048, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
-    loose = dict(min_keys=1, threshold=0.3, patience=1)
+    loose = dict(min_keys=1, threshold=0.3, patience=1, tail_threshold=None)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     free, free_stats = s2o.attention(
         q, k, v, is_causal=True, enable_gqa=True,
@@ -301,7 +329,7 @@ def test_error_budget_recomputes_the_heads_over_it_exactly():
 
 def test_error_budget_of_zero_recomputes_every_head_exactly():
     q, k, v = data.structured_qkv(2048, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
-    config = S2OConfig(min_keys=1, threshold=0.3, patience=1, error_budget=0.0)
+    config = S2OConfig(min_keys=1, threshold=0.3, patience=1, tail_threshold=None, error_budget=0.0)
     out, stats = s2o.attention(
         q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
     )
@@ -312,7 +340,9 @@ def test_error_budget_of_zero_recomputes_every_head_exactly():
 
 def test_error_budget_in_strict_mode_raises_naming_the_head():
     q, k, v = data.structured_qkv(2048, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
-    config = S2OConfig(min_keys=1, threshold=0.3, patience=1, error_budget=0.001, strict=True)
+    config = S2OConfig(
+        min_keys=1, threshold=0.3, patience=1, tail_threshold=None, error_budget=0.001, strict=True
+    )
     with pytest.raises(s2o.S2OErrorBudgetError, match=r"query head \d+ \(batch 0\).*error_budget"):
         s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
 

@@ -88,6 +88,8 @@ KNOB_CASES = {
     "negative threshold": (dict(threshold=-0.1), "threshold must be finite and >= 0"),
     "nan threshold": (dict(threshold=float("nan")), "threshold must be finite and >= 0"),
     "patience zero": (dict(patience=0), "patience must be >= 1"),
+    "negative tail_threshold": (dict(tail_threshold=-0.1), "tail_threshold must be finite"),
+    "inf tail_threshold": (dict(tail_threshold=float("inf")), "tail_threshold must be finite"),
     "scale inf": (dict(scale=float("inf")), "scale must be finite"),
 }
 
@@ -189,6 +191,7 @@ CONFIG_CASES = {
     "rank_head": (dict(rank_head=-1), "rank_head must be None or >= 0"),
     "score_variance": (dict(score_variance=-0.5), "score_variance must be finite"),
     "patience": (dict(patience=0), "patience must be >= 1"),
+    "tail_threshold": (dict(tail_threshold=float("nan")), "tail_threshold must be finite"),
     "group_units": (dict(ordering="query_head", group_units=True), "group_units needs"),
 }
 

@@ -17,7 +17,18 @@ DECISION_MARGIN = 1e-3
 
 
 def assert_matches_reference(
-    case, q, k, v, indices, result, *, mode, threshold, patience=1, row_order=None
+    case,
+    q,
+    k,
+    v,
+    indices,
+    result,
+    *,
+    mode,
+    threshold,
+    patience=1,
+    row_order=None,
+    tail_threshold=None,
 ):
     out, lse, counts = result
     order_per_kv_head, group_units = MODES[mode]
@@ -36,6 +47,7 @@ def assert_matches_reference(
         threshold=threshold,
         patience=patience,
         row_order=row_order,
+        tail_threshold=tail_threshold,
     )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -52,8 +64,8 @@ def assert_matches_reference(
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("threshold", [0.0, 0.02])
-def test_matches_reference(case, mode, threshold):
+@pytest.mark.parametrize("threshold, tail", [(0.0, None), (0.02, None), (0.02, 0.05)])
+def test_matches_reference(case, mode, threshold, tail):
     q, k, v = make_qkv(case, peaky=True)
     order_per_kv_head, group_units = MODES[mode]
     _, indices, result = run_pipeline(
@@ -64,8 +76,37 @@ def test_matches_reference(case, mode, threshold):
         order_per_kv_head=order_per_kv_head,
         group_units=group_units,
         threshold=threshold,
+        tail_threshold=tail,
     )
-    assert_matches_reference(case, q, k, v, indices, result, mode=mode, threshold=threshold)
+    assert_matches_reference(
+        case, q, k, v, indices, result, mode=mode, threshold=threshold, tail_threshold=tail
+    )
+
+
+def test_tail_threshold_runs_diffuse_rows_on():
+    # Diffuse rows (no peaks): at threshold 0.05 alone a unit stops once its tiles add < 5%
+    # each, missing much of the mass; the tail projection keeps it going until the tiles left
+    # could add little. It never visits fewer tiles, visits more in (nearly) every unit that
+    # stopped early, and 0 visits everything.
+    case = Case(1, 2, 1, 2048, 2048, 32, 64, 64, 16)
+    q, k, v = make_qkv(case)
+    runs = {
+        tail: run_pipeline(case, q, k, v, threshold=0.05, tail_threshold=tail)[2]
+        for tail in (None, 0.05, 0.0)
+    }
+    _, _, (_, _, full) = run_pipeline(case, q, k, v)
+    counts = {tail: result[2] for tail, result in runs.items()}
+    stopped = counts[None] < full
+    assert stopped.float().mean() > 0.5
+    assert (counts[None] <= counts[0.05]).all() and (counts[0.05] <= full).all()
+    assert (counts[None] < counts[0.05])[stopped].float().mean() > 0.9
+    assert torch.equal(counts[0.0], full)
+    dense = _sdpa_reference(case, q, k, v)
+
+    def error(out):
+        return float((out - dense).norm() / dense.norm())
+
+    assert error(runs[0.05][0]) < 0.5 * error(runs[None][0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -141,7 +141,11 @@ def test_threshold_reports_density_and_early_stopping_reaches_the_model():
         with s2o_hf.record_stats() as default_like:
             model(prompt)
         # No error budget: it would recompute these heads exactly (their error is far above it).
-        s2o_hf.set_config(S2OConfig(threshold=0.5, min_keys=1, segment_size=64, error_budget=None))
+        s2o_hf.set_config(
+            S2OConfig(
+                threshold=0.5, tail_threshold=None, min_keys=1, segment_size=64, error_budget=None
+            )
+        )
         with s2o_hf.record_stats() as loose:
             stopped = model(prompt).logits
     for recorder in (default_like, loose):
@@ -183,7 +187,10 @@ def test_patch_llama_routes_through_s2o_and_undo_restores_exactly(kind, implemen
     prompt = _prompt(300)
     # Patience 1 and no error budget: the short histories would not stop otherwise, and the
     # budget would recompute the loose heads; both would hide the patch's effect.
-    loose = S2OConfig(threshold=0.5, patience=1, min_keys=1, segment_size=64, error_budget=None)
+    loose = S2OConfig(
+        threshold=0.5, patience=1, tail_threshold=None, min_keys=1, segment_size=64,
+        error_budget=None,
+    )  # fmt: skip
     with torch.no_grad():
         original = model(prompt).logits
         handle = s2o.patch_llama(model, loose)

@@ -8,7 +8,8 @@
 //   Pass 2: the history in tiles of block_n keys taken from the ranked list in order, gathered by
 //     index. After each tile, with gain_r the tile's softmax mass of row r and l_r the row's total
 //     mass so far (same max frame), stop once max_r gain_r / l_r < threshold for `patience` tiles
-//     in a row.
+//     in a row; with tail_threshold, the bar is min(threshold, tail_threshold / history tiles
+//     left) (s2o/stop_rule.h).
 // With unit_threshold, each unit head uses its own threshold; a negative one skips its units.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include "message.h"
 #include "dispatch.h"
 #include "s2o/layout.h"
+#include "s2o/stop_rule.h"
 
 namespace s2o {
 namespace {
@@ -39,7 +41,7 @@ struct AttentionShape {
   int64_t unit_heads;      // query heads per work unit (G with group_units, else 1)
   int64_t units;           // work units per batch entry and query tile: Hq / unit_heads
   int64_t block_m, block_n, num_q_tiles;
-  float threshold, scale;
+  float threshold, tail_threshold, scale;  // tail_threshold: +inf when off
   int64_t patience;
   bool order_per_kv_head;
 };
@@ -274,6 +276,7 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
       const int64_t history = layout.history_length(segment);
       const int32_t* ranked =
           idx + (b * shape.ordering_heads + list_head) * total + layout.history_offset(segment);
+      const int64_t history_tiles = ceil_div(history, bn);
       int64_t quiet_tiles = 0;
       for (int64_t t0 = 0; t0 < history; t0 += bn) {
         const int64_t n = std::min(bn, history - t0);
@@ -286,7 +289,9 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
         load_tile(st, shape, k, v, b, kv_head, key_pos.data(), n);
         const float max_ratio = fold_tile(st, shape, n, key_pos.data(), /*causal_mask=*/false);
         ++tiles;
-        quiet_tiles = max_ratio < threshold ? quiet_tiles + 1 : 0;
+        const float bar =
+            tile_stop_threshold(threshold, shape.tail_threshold, history_tiles - t0 / bn - 1);
+        quiet_tiles = max_ratio < bar ? quiet_tiles + 1 : 0;
         if (quiet_tiles >= shape.patience) break;
       }
 
@@ -308,10 +313,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
     int64_t patience, std::optional<double> scale, const std::optional<at::Tensor>& row_order,
-    const std::optional<at::Tensor>& unit_threshold) {
+    const std::optional<at::Tensor>& unit_threshold, std::optional<double> tail_threshold) {
   const SparseAttentionArgs args = check_sparse_attention_args(
       query, key, value, indices, segment_size, q_offset, is_causal, order_per_kv_head,
-      group_units, block_m, block_n, threshold, patience, /*allow_fp32=*/true);
+      group_units, block_m, block_n, threshold, patience, tail_threshold, /*allow_fp32=*/true);
   at::Tensor unit_threshold_c;
   if (unit_threshold.has_value()) {
     check_unit_threshold(*unit_threshold, query, args.units.units);
@@ -337,6 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
   shape.block_n = block_n;
   shape.num_q_tiles = ceil_div(shape.layout.num_queries, block_m);
   shape.threshold = static_cast<float>(threshold);
+  shape.tail_threshold = tail_threshold_or_inf(tail_threshold);
   shape.patience = patience;
   shape.scale = static_cast<float>(resolve_scale(scale, shape.head_dim));
 

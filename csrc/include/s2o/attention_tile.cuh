@@ -15,6 +15,7 @@
 #include "s2o/common.cuh"
 #include "s2o/layout.h"
 #include "s2o/params.h"
+#include "s2o/stop_rule.h"
 
 namespace s2o {
 
@@ -64,6 +65,10 @@ struct WorkUnit {
   __device__ __forceinline__ bool skipped() const { return threshold < 0.0f; }
 
   __device__ __forceinline__ bool is_local(int t) const { return t < n_local; }
+  // The bar history tile t must reach to keep the unit going (tiles after it: n_tiles - t - 1).
+  __device__ __forceinline__ float stop_threshold(int t, float tail_threshold) const {
+    return tile_stop_threshold(threshold, tail_threshold, n_tiles - t - 1);
+  }
   // Tile t's first key position (local tiles) or first ranked slot (history tiles).
   __device__ __forceinline__ int64_t tile_begin(int t, int block_n) const {
     return is_local(t) ? local_begin + int64_t(t) * block_n : int64_t(t - n_local) * block_n;

@@ -53,6 +53,7 @@ struct SparseAttentionParams {
   int num_q_tiles;          // ceil(Nq / block_m)
   float scale_log2;         // softmax scale * log2(e): scores are kept in the log2 domain
   float threshold;
+  float tail_threshold;     // +inf when off (s2o/stop_rule.h)
   const float* unit_threshold;  // [B, units] or null: per unit head, replaces threshold; < 0
                                 // skips the unit (tile count 0, out and lse not written)
   int patience;

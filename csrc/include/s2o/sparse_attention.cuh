@@ -301,15 +301,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
       }
     }
 
-    // The stop test on the whole tile: did any row get at least `threshold` of its mass from it?
+    // The stop test on the whole tile: did any row get at least the bar's share of its mass from it?
     if (early_stop && !local) {
+      const float bar = unit.stop_threshold(t, p.tail_threshold);
       bool loud = false;
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
         for (int x = 0; x < 2; ++x) {
           loud |= ((valid_rows >> (2 * m + x)) & 1u) &&
-                  row_is_loud(tile_gain[m][x], row_mass[m][x], unit.threshold);
+                  row_is_loud(tile_gain[m][x], row_mass[m][x], bar);
         }
       }
       loud = __any_sync(0xffffffff, loud);

@@ -224,12 +224,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
     wgmma_wait_all();
     fence_registers(o_flat);
 
-    // The stop test on the whole tile: did any row get at least `threshold` of its mass from it?
+    // The stop test on the whole tile: did any row get at least the bar's share of its mass from it?
     if (early_stop && !local) {
+      const float bar = unit.stop_threshold(t, p.tail_threshold);
       bool loud = false;
 #pragma unroll
       for (int x = 0; x < 2; ++x)
-        loud |= ((valid_rows >> x) & 1u) && row_is_loud(tile_gain[x], row_mass[x], unit.threshold);
+        loud |= ((valid_rows >> x) & 1u) && row_is_loud(tile_gain[x], row_mass[x], bar);
       loud = __any_sync(0xffffffff, loud);
       if (lane == 0) s_loud[stage * kWarps + warp] = loud;
     }
