@@ -215,10 +215,9 @@ def peak_extra_bytes(fn, args) -> int:
 
 def benchmark_config(threshold: float | None = None, rank_head: int | None = None) -> S2OConfig:
     """The defaults (or another threshold, the tail threshold in proportion, or rank_head), on
-    every length (min_keys would send
-    short ones to SDPA). Not strict, so that heads over the error budget are recomputed as in a
-    user's call (strict mode would raise); run() checks that every s2o row took the sparse
-    path: a fallback must never be measured as s2o."""
+    every length (min_keys would send short ones to SDPA). Not strict, so that heads over the
+    error budget are recomputed as in a user's call (strict mode would raise); run() checks that
+    every s2o row took the sparse path: a fallback must never be measured as s2o."""
     config = S2OConfig(min_keys=0)
     if threshold is not None:
         config = dataclasses.replace(config, **at_threshold(threshold))

@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers.masking_utils import AttentionMaskInterface
 
 import s2o
-from benchmarks.common import git_revision  # noqa: E402
+from benchmarks.common import at_threshold, git_revision  # noqa: E402
 from s2o import S2OConfig
 from s2o.data import structured_qkv
 from s2o.integrations import transformers as s2o_hf
@@ -501,7 +501,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="--tiny on the CPU, 2 repeats")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    parser.add_argument("--threshold", type=float, help="s2o threshold (default: S2OConfig's)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="s2o threshold, the tail threshold in proportion (default: S2OConfig's)",
+    )
     parser.add_argument("--check-length", type=int, help="prompt length of the correctness check")
     parser.add_argument("--out", type=Path, help="directory for e2e_prefill.csv / .json")
     args = parser.parse_args(argv)
@@ -522,7 +526,7 @@ def s2o_config(args) -> S2OConfig:
     # min_keys=0: the sparse path at every length, also the correctness check's.
     config = S2OConfig(min_keys=0)
     if args.threshold is not None:
-        config = dataclasses.replace(config, threshold=args.threshold)
+        config = dataclasses.replace(config, **at_threshold(args.threshold))
     if args.tiny:
         config = dataclasses.replace(config, min_keys=1, segment_size=64)
     return config

@@ -77,10 +77,11 @@ class S2OConfig:
     threshold: float = 0.003
     patience: int = 4
     # 0.05: the loosest round value that keeps every block of 128 rows of random data under 20%
-    # (H200, all rows, benchmarks/attention_speed.py): at 128K worst block 16.4% (0.1: 23.8%),
-    # all rows 5.6%, no head recomputed, 365 ms (1.14x SDPA-flash) where without it the budget
-    # recomputed all 32 heads exactly (493 ms); at 32K worst block 11.9% (without: 25.9%). On the
-    # structured data at 128K it costs density (0.417 against 0.241: 184 against 128 ms) and
+    # (H200, all rows, benchmarks/attention_speed.py): at 128K worst block 16.4% (0.1, another
+    # run: 23.8%), all rows 5.6%, no head recomputed, 371 ms (1.15x SDPA-flash) where without it
+    # the budget recomputed all 32 heads exactly (503 ms); at 32K worst block 11.9% (without:
+    # 25.9%). On the structured data at 128K it costs density (0.417 against 0.241: 189 against
+    # 129 ms) and
     # buys the worst head 1.4% (without: 13.0%, four heads recomputed and one still over the
     # budget). SmolLM2-135M at 8K: density 0.590 / 0.587 (prose / code) against 0.488 / 0.490,
     # worst head 0.5% / 1.0% against 2.1% / 2.9%.
