@@ -11,6 +11,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -104,6 +105,32 @@ def _log_once(reason: str, detail: str) -> None:
     _logged_reasons.add(reason)
     level = logging.INFO if reason in _EXPECTED_FALLBACKS else logging.WARNING
     logger.log(level, "s2o.attention: dense SDPA fallback (%s): %s", reason, detail)
+
+
+def _check_arguments(query, key, value, dropout_p, scale, enable_gqa) -> None:
+    """Raises for calls SDPA rejects or that have no meaning, naming the argument passed."""
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite (or None: 1/sqrt(head dim)), got {scale}")
+    if query.dim() != key.dim() or query.dim() < 2:
+        return  # the rank fallback (or SDPA) reports it
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"query and key must have the same head dim, got query {tuple(query.shape)} "
+            f"and key {tuple(key.shape)}"
+        )
+    if query.dim() == 4 and enable_gqa:
+        q_heads, kv_heads = query.shape[1], key.shape[1]
+        if (q_heads % kv_heads) if kv_heads else q_heads:
+            raise ValueError(
+                "enable_gqa=True needs the query head count to be a multiple of the key head "
+                f"count, got query {tuple(query.shape)} and key {tuple(key.shape)} "
+                f"({q_heads} and {kv_heads} heads)"
+            )
 
 
 def _fallback_reason(query, key, value, attn_mask, dropout_p, config) -> tuple[str, str] | None:
@@ -225,12 +252,26 @@ def attention(
     ``enable_gqa=True`` as in SDPA. Returns the attention output ``[B, Hq, Nq, D]``, and with
     ``return_stats=True`` a tuple ``(out, S2OStats)``.
     """
-    config = config if config is not None else S2OConfig()
+    if config is None:
+        config = S2OConfig()
+    elif not isinstance(config, S2OConfig):
+        raise TypeError(f"config must be an s2o.S2OConfig or None, got {type(config).__name__}")
+    _check_arguments(query, key, value, dropout_p, scale, enable_gqa)
     clock = _StageClock(query.device) if return_stats else None
 
     if query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
         # Same contract as SDPA: differing head counts need enable_gqa; SDPA raises its own error.
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        # Zero heads, rows or head dim: SDPA's (empty or degenerate) result, nothing to sparsify.
+        out = _sdpa(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+        return (out, S2OStats(path="dense", fallback_reason="empty")) if return_stats else out
+    if scale is not None and scale < 0:
+        # softmax(scale * q.k) = softmax(|scale| * (-q).k): the ranking and the variance term
+        # need a positive scale.
+        query, scale = -query, -scale
 
     fallback = _fallback_reason(query, key, value, attn_mask, dropout_p, config)
     if fallback is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,6 +132,7 @@ class S2OConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.ordering not in ("kv_head", "query_head"):
             raise ValueError(f"ordering must be 'kv_head' or 'query_head', got {self.ordering!r}")
         if self.causal_alignment not in ("top_left", "bottom_right"):
@@ -137,15 +141,17 @@ class S2OConfig:
                 f"got {self.causal_alignment!r}"
             )
         for name in ("segment_size", "block_n", "patience"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.block_m is not None and (self.block_m < 1 or self.segment_size % self.block_m != 0):
             raise ValueError(
                 f"block_m must be positive and divide segment_size={self.segment_size}, "
                 f"got {self.block_m}"
             )
-        if not self.threshold >= 0 or self.threshold == float("inf"):
-            raise ValueError(f"threshold must be finite and >= 0, got {self.threshold}")
+        if not 0 <= self.threshold <= 1:
+            # A tile's share of its row's mass is at most 1: a larger threshold would stop every
+            # unit after its first history tile whatever the data.
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.tail_threshold is not None and not 0 <= self.tail_threshold < math.inf:
             raise ValueError(
                 f"tail_threshold must be finite and >= 0 (or None), got {self.tail_threshold}"
@@ -169,6 +175,19 @@ class S2OConfig:
             raise ValueError(
                 f"rank_head must be None or >= 0 (0: rank everything), got {self.rank_head}"
             )
+
+    def _check_types(self) -> None:
+        """TypeError naming the field for a value of the wrong type (a float segment size, a
+        string threshold), before the range checks compare it."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            accepted = _accepted_types()[item.name]
+            # bool is an int to Python, never a count or a number here.
+            if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in accepted)
+                raise TypeError(
+                    f"S2OConfig.{item.name} must be {names}, got {value!r} ({type(value).__name__})"
+                )
 
     @property
     def order_per_kv_head(self) -> bool:
@@ -197,3 +216,22 @@ class S2OConfig:
 
     def is_strict(self) -> bool:
         return self.strict or os.environ.get("S2O_STRICT", "0") == "1"
+
+
+@functools.cache
+def _accepted_types() -> dict[str, tuple[type, ...]]:
+    """Per S2OConfig field, the types its annotation accepts (a float field also takes an int;
+    a Literal takes its values' type; the values themselves are checked in __post_init__)."""
+    accepted = {}
+    for name, hint in typing.get_type_hints(S2OConfig).items():
+        options = typing.get_args(hint) if typing.get_origin(hint) is not Literal else (hint,)
+        types: list[type] = []
+        for option in options or (hint,):
+            if typing.get_origin(option) is Literal:
+                types += {type(v) for v in typing.get_args(option)}
+            elif option is float:
+                types += [float, int]
+            else:
+                types.append(option)
+        accepted[name] = tuple(dict.fromkeys(types))
+    return accepted

@@ -1,5 +1,7 @@
 """Bad input gets an error that names the argument, never a crash or a silent wrong result."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -181,12 +183,79 @@ def test_tensors_on_different_devices():
         _attend(q, k, v, indices=indices.cpu())
 
 
+SPARSE = S2OConfig(min_keys=1, segment_size=32, strict=True)  # takes the sparse path or raises
+
+
+def _sdpa_shaped(hq=HQ, hkv=HKV, dk=D, dv=D):
+    return torch.randn(B, hq, N, D), torch.randn(B, hkv, N, dk), torch.randn(B, hkv, N, dv)
+
+
+ATTENTION_CASES = {
+    # Hq not a multiple of Hkv: SDPA raises; s2o used to drop query heads or fail on a reshape.
+    "heads 4 and 3": (_sdpa_shaped(4, 3), dict(enable_gqa=True), "multiple of the key head count"),
+    "heads 8 and 6": (_sdpa_shaped(8, 6), dict(enable_gqa=True), r"\(8 and 6 heads\)"),
+    "heads 2 and 4": (_sdpa_shaped(2, 4), dict(enable_gqa=True), r"\(2 and 4 heads\)"),
+    "key head dim": (_sdpa_shaped(dk=16), {}, "query and key must have the same head dim"),
+    "dropout_p negative": (_sdpa_shaped(), dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\]"),
+    "dropout_p above 1": (_sdpa_shaped(), dict(dropout_p=1.5), r"dropout_p must be in \[0, 1\]"),
+    "scale nan": (_sdpa_shaped(), dict(scale=float("nan")), "scale must be finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_bad_attention_arguments(case):
+    (q, k, v), kwargs, message = ATTENTION_CASES[case]
+    for config in (SPARSE, S2OConfig()):  # strict and not: never a silent fallback
+        with pytest.raises(ValueError, match=message):
+            s2o.attention(q, k, v, is_causal=True, config=config, **kwargs)
+
+
+def test_config_must_be_an_s2o_config():
+    with pytest.raises(TypeError, match="config must be an s2o.S2OConfig or None, got dict"):
+        s2o.attention(*_sdpa_shaped(HQ, HQ), config={"threshold": 0.1})
+
+
+@pytest.mark.parametrize("scale", [-0.125, -1.0])
+def test_negative_scale_computes_the_softmax_of_the_scaled_logits(scale):
+    q, k, v = _sdpa_shaped(HQ, HQ)
+    exact = dataclasses.replace(SPARSE, threshold=0.0)
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, scale=scale, config=exact, return_stats=True
+    )
+    # With an explicit mask: CPU SDPA's is_causal path returns NaN for a negative scale.
+    mask = torch.ones(N, N, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale)
+    assert stats.path == "sparse"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((B, 0, N, D), (B, 0, N, D)),  # no heads
+        ((B, HQ, N, 0), (B, HKV, N, 0)),  # head dim 0
+        ((B, HQ, 0, D), (B, HKV, N, D)),  # no query rows
+        ((0, HQ, N, D), (0, HKV, N, D)),  # no batch
+    ],
+)
+def test_empty_inputs_return_sdpa_s_empty_result(shapes):
+    q_shape, kv_shape = shapes
+    q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+    out, stats = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=SPARSE,
+                               return_stats=True)  # fmt: skip
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+    )
+    assert out.shape == expected.shape and stats.fallback_reason == "empty"
+
+
 CONFIG_CASES = {
     "ordering": (dict(ordering="token"), "ordering must be"),
     "alignment": (dict(causal_alignment="left"), "causal_alignment must be"),
     "segment_size": (dict(segment_size=0), "segment_size must be >= 1"),
     "block_m": (dict(block_m=48), "block_m must be positive and divide"),
-    "threshold": (dict(threshold=-1.0), "threshold must be finite"),
+    "threshold": (dict(threshold=-1.0), r"threshold must be in \[0, 1\]"),
+    "threshold above 1": (dict(threshold=2.0), r"threshold must be in \[0, 1\]"),
     "rank_bits": (dict(rank_bits=40), "rank_bits must be in"),
     "rank_head": (dict(rank_head=-1), "rank_head must be None or >= 0"),
     "score_variance": (dict(score_variance=-0.5), "score_variance must be finite"),
@@ -200,6 +269,22 @@ CONFIG_CASES = {
 def test_bad_config(case):
     kwargs, message = CONFIG_CASES[case]
     with pytest.raises(ValueError, match=message):
+        S2OConfig(**kwargs)
+
+
+CONFIG_TYPE_CASES = {
+    "segment_size float": (dict(segment_size=2.5), "segment_size must be int, got 2.5"),
+    "block_m bool": (dict(block_m=True), "block_m must be int or None, got True"),
+    "threshold str": (dict(threshold="0.01"), "threshold must be float or int, got '0.01'"),
+    "strict int": (dict(strict=1), "strict must be bool, got 1"),
+    "ordering int": (dict(ordering=1), "ordering must be str"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_TYPE_CASES))
+def test_bad_config_types(case):
+    kwargs, message = CONFIG_TYPE_CASES[case]
+    with pytest.raises(TypeError, match=message):
         S2OConfig(**kwargs)
 
 
