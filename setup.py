@@ -77,7 +77,7 @@ def extension():
             for p in glob.glob(os.path.join(csrc, "cuda", "**", "*.cu"), recursive=True)
         )
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-        macros = [("S2O_WITH_CUDA", "1")]
+        macros = []
         if builds_sm90a(os.environ["TORCH_CUDA_ARCH_LIST"]):
             macros.append(("S2O_WITH_SM90A", "1"))  # the host may launch the wgmma kernel
         return CUDAExtension(

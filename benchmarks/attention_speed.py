@@ -213,16 +213,16 @@ def peak_extra_bytes(fn, args) -> int:
     return max(0, extra)
 
 
-def benchmark_config(threshold: float | None = None, rank_head: int | None = None) -> S2OConfig:
-    """The defaults (or another threshold, the tail threshold in proportion, or rank_head), on
+def benchmark_config(threshold: float | None = None, ranked_keys: int | None = None) -> S2OConfig:
+    """The defaults (or another threshold, the tail threshold in proportion, or ranked_keys), on
     every length (min_keys would send short ones to SDPA). Not strict, so that heads over the
     error budget are recomputed as in a user's call (strict mode would raise); run() checks that
     every s2o row took the sparse path: a fallback must never be measured as s2o."""
     config = S2OConfig(min_keys=0)
     if threshold is not None:
         config = dataclasses.replace(config, **at_threshold(threshold))
-    if rank_head is not None:
-        config = dataclasses.replace(config, rank_head=rank_head)
+    if ranked_keys is not None:
+        config = dataclasses.replace(config, ranked_keys=ranked_keys)
     return config
 
 
@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed runs (0: by length)")
     parser.add_argument("--flex-max", type=int, default=65536, help="longest length for flex")
     parser.add_argument("--threshold", type=float, help="s2o row's threshold (default: config's)")
-    parser.add_argument("--rank-head", type=int, help="s2o row's rank_head (default: config's)")
+    parser.add_argument("--ranked-keys", type=int, help="s2o row's ranked_keys (default: config's)")
     parser.add_argument(
         "--s2o-variants",
         nargs="+",
@@ -345,7 +345,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     args = parser.parse_args()
-    config = benchmark_config(args.threshold, args.rank_head)
+    config = benchmark_config(args.threshold, args.ranked_keys)
     header = run_header("cuda")
     header["config"] = str(config)
     print_header(header)

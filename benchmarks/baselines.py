@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from s2o.reference import softmax_scale
+from s2o.plan import softmax_scale
 
 NEG_INF = float("-inf")
 DEFAULT_TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)

@@ -57,9 +57,8 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from s2o import data  # noqa: E402
-from s2o.attention import dense_tiles  # noqa: E402
 from s2o.layout import SegmentLayout  # noqa: E402
-from s2o.reference import guided_row_order, softmax_scale  # noqa: E402
+from s2o.plan import Plan, softmax_scale  # noqa: E402
 
 THRESHOLDS = (0.0, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 ABLATION_THRESHOLDS = (0.003, 0.01, 0.03, 0.1)
@@ -226,13 +225,11 @@ def s2o_curve(
     *,
     name: str = "s2o",
     representative: str | None = None,
-    query_order: str | None = None,
     **config_overrides,
 ) -> list[baselines.CurvePoint]:
     """s2o's points for each threshold. Without ``representative``: ``s2o.attention`` (density
     from its stats); with one: keys scored in Python by alternative_scores, then the ranking and
-    attention ops on those scores, with the query rows of each tile permuted by ``query_order``
-    (see query_row_order) if given."""
+    attention ops on those scores."""
     reference_sq = float(reference.double().square().sum())
     points = []
     for threshold in thresholds:
@@ -252,7 +249,7 @@ def s2o_curve(
             tiles_per_head = stats.dense_tiles / (tile_counts.shape[0] * tile_counts.shape[1])
         else:
             out, tile_counts, tiles_per_head = attention_with_representative(
-                inputs, config, representative, query_order
+                inputs, config, representative
             )
         points.append(
             _s2o_point(name, threshold, out, reference, reference_sq, tile_counts, tiles_per_head)
@@ -324,74 +321,17 @@ def alternative_scores(
     return scores
 
 
-def query_row_order(
-    inputs: Inputs, config: s2o.S2OConfig, scores: torch.Tensor, guide: str
-) -> torch.Tensor:
-    """The query permutation of the paper, for ``sparse_attention(row_order=...)``: each
-    segment's rows of each query head sorted by their projection on a guide vector. Guides:
-    ``mean``: the segment's mean query row of that head; ``top-key``: the history key its
-    ranking puts first (the mean query for the first segment, which has no history)."""
-    q, k = inputs.query, inputs.key
-    if guide == "mean":
-        return guided_row_order(q, config.segment_size)
-    if guide != "top-key":
-        raise ValueError(f"unknown query order guide {guide!r}")
-    layout = SegmentLayout(inputs.length, inputs.length, config.segment_size, 0, True)
-    group = q.shape[1] // k.shape[1]
-    per_list = 1 if config.order_per_kv_head else group  # query heads per ranked list
-    batch_index = torch.arange(q.shape[0])[:, None]
-    kv_index = (torch.arange(q.shape[1]) // group)[None, :]  # each query head's KV head
-    guide_vectors = torch.empty(*q.shape[:2], layout.num_segments, q.shape[-1])
-    for s in range(layout.num_segments):
-        begin, history = layout.history_offset(s), layout.history_length(s)
-        rows = q[:, :, s * config.segment_size : (s + 1) * config.segment_size].float()
-        if history == 0:
-            guide_vectors[:, :, s] = rows.mean(dim=2)
-            continue
-        top = scores[:, :, begin : begin + history].argmax(dim=-1)  # [B, H_ord]
-        top = top.repeat_interleave(group // per_list, dim=1)  # [B, Hq]
-        guide_vectors[:, :, s] = k[batch_index, kv_index, top].float()
-    return guided_row_order(q, config.segment_size, guide_vectors)
-
-
 def attention_with_representative(
-    inputs: Inputs, config: s2o.S2OConfig, representative: str, query_order: str | None = None
-) -> tuple[torch.Tensor, float]:
+    inputs: Inputs, config: s2o.S2OConfig, representative: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """s2o with Python-computed scores: (out [B, Hq, N, D], tile_counts [B, H_ord, query tiles],
     dense tiles of one ordering head)."""
     q, k, v = inputs.query, inputs.key, inputs.value
-    num_tokens, group = inputs.length, q.shape[1] // k.shape[1]
+    plan = Plan.for_call(config, q.shape, k.shape, is_causal=True, scale=inputs.scale)
     scale = softmax_scale(q.shape[-1], inputs.scale)
-    scores = alternative_scores(q, k, config, representative, scale)
-    indices = s2o.permute_indices(
-        scores,
-        num_queries=num_tokens,
-        num_keys=num_tokens,
-        segment_size=config.segment_size,
-        rank_bits=config.rank_bits,
-        rank_head=config.resolve_rank_head(),
-    )
-    row_order = (
-        None if query_order is None else query_row_order(inputs, config, scores, query_order)
-    )
-    block_m = config.resolve_block_m(group)
-    out, _, tile_counts = s2o.sparse_attention(
-        q,
-        k,
-        v,
-        indices,
-        segment_size=config.segment_size,
-        order_per_kv_head=config.order_per_kv_head,
-        block_m=block_m,
-        block_n=config.block_n,
-        threshold=config.threshold,
-        patience=config.patience,
-        tail_threshold=config.tail_threshold,
-        scale=inputs.scale,
-        row_order=row_order,
-    )
-    layout = SegmentLayout(num_tokens, num_tokens, config.segment_size, 0, True)
-    return out, tile_counts, dense_tiles(layout, block_m, config.block_n)
+    indices = plan.permute(alternative_scores(q, k, config, representative, scale))
+    out, _, tile_counts = plan.attend(q, k, v, indices)
+    return out, tile_counts, plan.dense_tiles()
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,14 +559,12 @@ def head_kind_table(
 
 @dataclass
 class Variant:
-    """One ablation: S2OConfig overrides, or a representative scored in Python (optionally with
-    the query rows permuted by a guide: ``query_order``)."""
+    """One ablation: S2OConfig overrides, or a representative scored in Python."""
 
     group: str
     label: str
     overrides: dict = field(default_factory=dict)
     representative: str | None = None
-    query_order: str | None = None
 
 
 def ablation_variants(group_size: int = 4) -> list[Variant]:
@@ -655,8 +593,6 @@ def ablation_variants(group_size: int = 4) -> list[Variant]:
         *knob("block_m", (16, 32, 64)),
         Variant("representative", "head-max", representative="head-max"),
         Variant("representative", "sub-mean-max", representative="sub-mean-max"),
-        Variant("query order", "guide: mean query", representative="mean", query_order="mean"),
-        Variant("query order", "guide: top key", representative="mean", query_order="top-key"),
     ]
 
 
@@ -681,7 +617,6 @@ def run_ablations(inputs: Inputs, reference: torch.Tensor, thresholds, floor: fl
                 thresholds,
                 name=variant.label,
                 representative=variant.representative,
-                query_order=variant.query_order,
                 **variant.overrides,
             )
         except RuntimeError as error:
@@ -828,37 +763,16 @@ def plot_attention_map(
     q = inputs.query[:1, unit_heads, :length]
     k = inputs.key[:1, kv_head : kv_head + 1, :length]
     v = inputs.value[:1, kv_head : kv_head + 1, :length]
-    block_m = config.resolve_block_m(group)
-    segment = config.segment_size
-    _, scores = s2o.estimate_importance(q, k, segment_size=segment, order_per_kv_head=per_kv)
-    indices = s2o.permute_indices(
-        scores,
-        num_queries=length,
-        num_keys=length,
-        segment_size=segment,
-        rank_bits=config.rank_bits,
-    )
-    _, _, counts = s2o.sparse_attention(
-        q,
-        k,
-        v,
-        indices,
-        segment_size=segment,
-        order_per_kv_head=per_kv,
-        block_m=block_m,
-        block_n=config.block_n,
-        threshold=config.threshold,
-        patience=config.patience,
-        tail_threshold=config.tail_threshold,
-        scale=inputs.scale,
-    )
+    plan = Plan.for_call(config, q.shape, k.shape, is_causal=True, scale=inputs.scale)
+    block_m, segment = plan.block_m, plan.layout.segment_size
+    _, indices, (_, _, counts) = plan.run(q, k, v)
     local_head = unit_heads.index(head) if per_kv else 0
     scale = softmax_scale(q.shape[-1], inputs.scale)
     logits = (q[0, local_head].float() @ k[0, 0].float().T * scale).cpu()
     pos = torch.arange(length)
     logits.masked_fill_(pos[None, :] > pos[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # [L, L]
-    layout = SegmentLayout(length, length, segment, 0, True)
+    layout = plan.layout
     indices, counts = indices[0, 0].cpu().long(), counts[0, 0].cpu()  # one ordering head
     permuted = torch.zeros_like(probs)
     visited = torch.zeros_like(probs, dtype=torch.bool)
@@ -1201,7 +1115,7 @@ def parse_args(argv=None):
         "--ablation-groups",
         nargs="+",
         default=None,
-        help="run only these ablation groups (e.g. 'query order'; default: all)",
+        help="run only these ablation groups (e.g. 'representative'; default: all)",
     )
     parser.add_argument(
         "--ablation-thresholds", type=float, nargs="+", default=list(ABLATION_THRESHOLDS)
@@ -1298,8 +1212,7 @@ def main(argv=None) -> int:
         print(f"\n## Ablations on {inputs.name} ({extra['ablation_seconds']:.1f} s)\n")
         print(
             "Gains > 1: the variant beats the default (MSE at matched density, density at "
-            "matched MSE; geometric means over the default's points in range). Query "
-            "permutation (query order) runs through the CPU kernel only.\n"
+            "matched MSE; geometric means over the default's points in range).\n"
         )
         print(markdown_table(ablation_rows))
 

@@ -10,19 +10,31 @@
 
 #include "message.h"
 #include "s2o/layout.h"
+#include "s2o/limits.h"
 
 namespace s2o {
 
-// Largest head dimension the CPU kernels accept (the CUDA kernels take 64 and 128).
-constexpr int64_t kMaxHeadDimCpu = 256;
+// The dtypes the kernels take: the CPU kernels all three, the CUDA kernels the 16-bit ones (s2o._C
+// exports both lists to Python).
+constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kBFloat16, at::kHalf};
+constexpr at::ScalarType kCudaDtypes[] = {at::kBFloat16, at::kHalf};
 
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+template <size_t N>
+inline bool contains(const at::ScalarType (&dtypes)[N], at::ScalarType t) {
+  for (const at::ScalarType d : dtypes) {
+    if (d == t) return true;
+  }
+  return false;
+}
+
+// allow_fp32: the CPU kernels' dtypes, else the CUDA kernels'.
+inline bool kernels_take(at::ScalarType t, bool allow_fp32) {
+  return allow_fp32 ? contains(kCpuDtypes, t) : contains(kCudaDtypes, t);
 }
 
 inline void check_float_tensor(const at::Tensor& t, const char* name, bool allow_fp32) {
   S2O_CHECK(t.defined(), name, " is undefined");
-  S2O_CHECK(is_supported_float(t.scalar_type()) && (allow_fp32 || t.scalar_type() != at::kFloat),
+  S2O_CHECK(kernels_take(t.scalar_type(), allow_fp32),
               name, " must be ", allow_fp32 ? "float32, bfloat16 or float16" : "bfloat16 or float16",
               " on ", t.device().type(), ", got ", t.scalar_type());
 }
@@ -53,8 +65,8 @@ inline void check_query_key(const at::Tensor& query, const at::Tensor& key, bool
               ") must be a multiple of key heads (", key.size(1), ")");
   S2O_CHECK(query.size(2) >= 1, "query needs at least one row (Nq >= 1), got ", query.size(2));
   S2O_CHECK(key.size(2) >= 1, "key needs at least one row (Nk >= 1), got ", key.size(2));
-  S2O_CHECK(query.size(3) >= 1 && query.size(3) <= kMaxHeadDimCpu, "query head dim must be in [1, ",
-              kMaxHeadDimCpu, "], got ", query.size(3));
+  S2O_CHECK(query.size(3) >= 1 && query.size(3) <= kCpuMaxHeadDim, "query head dim must be in [1, ",
+              kCpuMaxHeadDim, "], got ", query.size(3));
 }
 
 inline void check_value(const at::Tensor& value, const at::Tensor& query, const at::Tensor& key) {
@@ -65,12 +77,6 @@ inline void check_value(const at::Tensor& value, const at::Tensor& query, const 
               " differs from query dtype ", query.scalar_type());
   S2O_CHECK(value.sizes() == key.sizes(), "value shape ", value.sizes(), " differs from key shape ",
               key.sizes(), " (s2o needs the same head count, length and head dim for key and value)");
-}
-
-// The weight of estimate_importance's variance term.
-inline void check_variance_weight(double variance_weight) {
-  S2O_CHECK(std::isfinite(variance_weight) && variance_weight >= 0.0,
-            "variance_weight must be finite and >= 0, got ", variance_weight);
 }
 
 // segment_size and q_offset against the query and key lengths. Valid q_offset: 0 (top-left
@@ -94,13 +100,13 @@ inline void check_rank_bits(int64_t rank_bits) {
 // The arguments of permute_indices; returns the segment layout the scores are laid out in.
 inline SegmentLayout check_permute_args(const at::Tensor& scores, int64_t num_queries,
                                         int64_t num_keys, int64_t segment_size, int64_t q_offset,
-                                        bool is_causal, int64_t rank_bits, int64_t rank_head) {
+                                        bool is_causal, int64_t rank_bits, int64_t ranked_keys) {
   S2O_CHECK(scores.defined() && scores.scalar_type() == at::kFloat,
             "scores must be a float32 tensor (from estimate_importance)");
   S2O_CHECK(num_queries >= 1, "num_queries must be >= 1, got ", num_queries);
   S2O_CHECK(num_keys >= 1, "num_keys must be >= 1, got ", num_keys);
   check_rank_bits(rank_bits);
-  S2O_CHECK(rank_head >= 0, "rank_head must be >= 0 (0: rank the whole history), got ", rank_head);
+  S2O_CHECK(ranked_keys >= 0, "ranked_keys must be >= 0 (0: rank the whole history), got ", ranked_keys);
   const SegmentLayout layout = check_layout(num_queries, num_keys, segment_size, q_offset, is_causal);
   const int64_t total = layout.total_history();
   S2O_CHECK(scores.dim() == 3 && scores.size(2) == total,
@@ -181,19 +187,6 @@ inline SparseAttentionArgs check_sparse_attention_args(
   return args;
 }
 
-// row_order [B, Hq, Nq] int32 on query's device: per query head, a permutation of each
-// segment's rows (values are checked where they are read: check_row_order_values).
-inline void check_row_order(const at::Tensor& row_order, const at::Tensor& query) {
-  S2O_CHECK(row_order.scalar_type() == at::kInt, "row_order must be int32, got ",
-            row_order.scalar_type());
-  S2O_CHECK(row_order.device() == query.device(), "row_order must be on query's device (",
-            query.device(), "), got ", row_order.device());
-  S2O_CHECK(row_order.dim() == 3 && row_order.size(0) == query.size(0) &&
-                row_order.size(1) == query.size(1) && row_order.size(2) == query.size(2),
-            "row_order must have shape [B, Hq, Nq] = [", query.size(0), ", ", query.size(1), ", ",
-            query.size(2), "], got ", row_order.sizes());
-}
-
 // unit_threshold [B, H_unit] fp32 on query's device (H_unit: the units per batch entry).
 inline void check_unit_threshold(const at::Tensor& unit_threshold, const at::Tensor& query,
                                  int64_t units) {
@@ -211,6 +204,18 @@ inline double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
   S2O_CHECK(std::isfinite(s), "scale must be finite, got ", s);
   return s;
+}
+
+// The weight of estimate_importance's variance term in score units: score_variance (in units of
+// the softmax scale) x the scale.
+inline float variance_weight(double score_variance, std::optional<double> scale,
+                             int64_t head_dim) {
+  S2O_CHECK(std::isfinite(score_variance) && score_variance >= 0.0,
+            "score_variance must be finite and >= 0, got ", score_variance);
+  if (score_variance == 0.0) return 0.0f;
+  const double s = resolve_scale(scale, head_dim);
+  S2O_CHECK(s > 0.0, "scale must be > 0 with score_variance > 0 (the variance term), got ", s);
+  return static_cast<float>(score_variance * s);
 }
 
 }  // namespace s2o

@@ -6,14 +6,11 @@
 
 import torch  # noqa: F401  (first: loads the libraries s2o._C links against)
 
-from . import (
-    _C,  # noqa: F401  (registers the ops and their kernels)
-    _meta,  # noqa: F401  (fake kernels for torch.compile)
-)
+from . import _C  # noqa: F401  (registers the ops and their kernels)
 from .attention import S2OErrorBudgetError, S2OFallbackError, S2OStats, attention, patch_sdpa
 from .config import S2OConfig
 from .integrations import patch_llama  # imports transformers only when called
-from .ops import estimate_importance, permute_indices, sparse_attention
+from .ops import estimate_importance, permute_indices, sparse_attention  # (and fake kernels)
 
 __all__ = [
     "S2OConfig",

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from . import error_estimate
 from .config import S2OConfig
-from .layout import SegmentLayout, ceil_div
-from .reference import softmax_scale
+from .limits import CPU_DTYPES, CPU_MAX_HEAD_DIM, CUDA_DTYPES, CUDA_HEAD_DIMS
+from .plan import Plan
 
 logger = logging.getLogger("s2o")
 
@@ -32,11 +32,6 @@ _sdpa = F.scaled_dot_product_attention
 # INFO; the others at WARNING.
 _EXPECTED_FALLBACKS = {"decode", "short"}
 _logged_reasons: set[str] = set()
-
-CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_DTYPES = (torch.bfloat16, torch.float16)
-CPU_MAX_HEAD_DIM = 256
-CUDA_HEAD_DIMS = (64, 128)
 
 
 class S2OFallbackError(RuntimeError):
@@ -200,38 +195,6 @@ class _StageClock:
         return times
 
 
-# Scratch bytes per history entry of one ordering head while ranking: the fp32 score and the
-# ranked index; above 12 rank bits the CUDA radix sort adds two sort keys (2 or 4 bytes each;
-# counted as 8, headroom for CUB's temporary storage) and the key index being sorted.
-_COUNTING_RANK_BITS = 12
-
-
-def _ranking_bytes_per_entry(rank_bits: int) -> int:
-    return 4 + 4 if rank_bits <= _COUNTING_RANK_BITS else 4 + 2 * 8 + 4 + 4
-
-
-def _kv_head_chunks(
-    batch: int, kv_heads: int, ordering_per_kv: int, layout: SegmentLayout, config: S2OConfig
-) -> list[tuple[int, int]]:
-    """KV-head ranges [begin, end) to process one after the other: as many KV heads per chunk as
-    keep the ranking scratch (``ordering_per_kv`` ordering heads per KV head) within
-    ``config.workspace_bytes``; at least one."""
-    entry_bytes = _ranking_bytes_per_entry(config.rank_bits)
-    per_kv_head = batch * ordering_per_kv * layout.total_history * entry_bytes
-    per_chunk = max(1, min(kv_heads, config.workspace_bytes // max(1, per_kv_head)))
-    return [(h, min(h + per_chunk, kv_heads)) for h in range(0, kv_heads, per_chunk)]
-
-
-def _q_offset(num_queries: int, num_keys: int, is_causal: bool, config: S2OConfig) -> int:
-    if not is_causal or config.causal_alignment == "top_left":
-        return 0
-    if num_queries > num_keys:
-        raise ValueError(
-            f"bottom-right causal alignment needs Nq <= Nk, got Nq={num_queries}, Nk={num_keys}"
-        )
-    return num_keys - num_queries
-
-
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -292,49 +255,25 @@ def attention(
     squeeze_heads = query.dim() == 3
     if squeeze_heads:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-    num_queries, num_keys = query.shape[2], key.shape[2]
-    q_offset = _q_offset(num_queries, num_keys, is_causal, config)
+    plan = Plan.for_call(config, query.shape, key.shape, is_causal=is_causal, scale=scale)
     group = query.shape[1] // key.shape[1]
-    block_m = config.resolve_block_m(group)
-    per_kv = config.order_per_kv_head
-
-    layout = SegmentLayout(num_queries, num_keys, config.segment_size, q_offset, is_causal)
     # Scores and ranked indices grow with the square of the length: rank and attend a few KV
-    # heads at a time so that their scratch stays within config.workspace_bytes.
-    chunks = _kv_head_chunks(key.shape[0], key.shape[1], group if not per_kv else 1, layout, config)
-    variance_weight = config.score_variance * softmax_scale(query.shape[-1], scale)
-    out = query.new_empty(query.shape) if len(chunks) > 1 else None
+    # heads at a time (plan.kv_chunks) so that their scratch stays within config.workspace_bytes.
+    out = query.new_empty(query.shape) if len(plan.kv_chunks) > 1 else None
     exact = None  # the exact sampled rows of every head, after the first chunk
     all_counts, checks = [], []
-    for kv_begin, kv_end in chunks:
+    for kv_begin, kv_end in plan.kv_chunks:
         q_chunk = query[:, kv_begin * group : kv_end * group]
         k_chunk, v_chunk = key[:, kv_begin:kv_end], value[:, kv_begin:kv_end]
-        _, scores = torch.ops.s2o.estimate_importance(
-            q_chunk, k_chunk, config.segment_size, q_offset, is_causal, per_kv, variance_weight
-        )
+        scores = plan.estimate(q_chunk, k_chunk)
         if clock is not None:
             clock.lap("estimate")
-        indices = torch.ops.s2o.permute_indices(
-            scores,
-            num_queries,
-            num_keys,
-            config.segment_size,
-            q_offset,
-            is_causal,
-            config.rank_bits,
-            config.resolve_rank_head(),
-        )
+        indices = plan.permute(scores)
         del scores
         if clock is not None:
             clock.lap("permute")
-
-        # The op with everything but threshold, patience, scale, row_order, unit_threshold.
-        attend = functools.partial(
-            torch.ops.s2o.sparse_attention,
-            q_chunk, k_chunk, v_chunk, indices, config.segment_size, q_offset, is_causal, per_kv,
-            config.group_units, block_m, config.block_n, tail_threshold=config.tail_threshold,
-        )  # fmt: skip
-        out_chunk, _, tile_counts = attend(config.threshold, config.patience, scale)
+        attend = functools.partial(plan.attend, q_chunk, k_chunk, v_chunk, indices)
+        out_chunk, _, tile_counts = attend()
         if clock is not None:
             clock.lap("attend")
         if config.estimate_rows > 0:
@@ -345,8 +284,9 @@ def attention(
                 weights = error_estimate.row_weights(out_chunk)
                 rows, factors = error_estimate.sample_rows(weights, config.estimate_rows)
                 exact = error_estimate.exact_rows(
-                    query, key, value, rows, q_offset=q_offset, is_causal=is_causal, scale=scale
-                )
+                    query, key, value, rows, q_offset=plan.layout.q_offset, is_causal=is_causal,
+                    scale=scale,
+                )  # fmt: skip
             squared, reference = error_estimate.sampled_squared_error(
                 out_chunk, exact[:, kv_begin * group : kv_end * group], rows, factors
             )
@@ -356,9 +296,8 @@ def attention(
                 if config.is_strict():
                     _raise_over_budget(head_error, kv_begin * group, config.error_budget)
                 squared, over, redo_counts = _recompute_over_budget(
-                    functools.partial(attend, scale=scale),
-                    out_chunk, squared, reference, config, group,
-                )  # fmt: skip
+                    attend, out_chunk, squared, reference, config, group
+                )
                 tile_counts = tile_counts + redo_counts
             checks.append((head_error, over, squared, reference))
             if clock is not None:
@@ -375,17 +314,15 @@ def attention(
         return out
 
     tile_counts = torch.cat(all_counts, dim=1)
-    dense = (
-        dense_tiles(layout, block_m, config.block_n) * tile_counts.shape[0] * tile_counts.shape[1]
-    )
+    dense = plan.dense_tiles() * tile_counts.shape[0] * tile_counts.shape[1]
     computed = int(tile_counts.sum())
     stats = S2OStats(
         path="sparse",
         density=computed / dense,
         tile_counts=tile_counts,
         dense_tiles=dense,
-        block_m=block_m,
-        block_n=config.block_n,
+        block_m=plan.block_m,
+        block_n=plan.block_n,
         time_ms=clock.times,
     )
     if checks:
@@ -426,28 +363,19 @@ def _recompute_over_budget(attend, out, squared, reference, config, group):
     and one merge. Exactly, not at a lower threshold: at 128K on the structured data a tenth of
     the threshold cost as much as exact (the flagged heads' rankings put the keys they miss
     late) and left a head at 13%. With group_units a flagged head takes its whole KV group
-    along. ``attend(threshold, patience, unit_threshold=)`` runs the op on this chunk. Returns
+    along. ``attend(unit_threshold=)`` runs the op on this chunk with the call's plan. Returns
     (the squared-error estimate, 0 for the recomputed heads; the heads recomputed [B, Hq] bool;
     their tile counts)."""
     error = error_estimate.relative_error(squared, reference)
     if config.group_units:
         error = error.unflatten(1, (-1, group)).amax(dim=2)  # per unit: its worst head
     unit_threshold = torch.where(error > config.error_budget, 0.0, -1.0).float()  # -1: skip
-    redo, _, counts = attend(config.threshold, config.patience, unit_threshold=unit_threshold)
+    redo, _, counts = attend(unit_threshold=unit_threshold)
     over = unit_threshold == 0
     if config.group_units:
         over = over.repeat_interleave(group, dim=1)
     torch.where(over[:, :, None, None], redo, out, out=out)
     return torch.where(over, 0.0, squared), over, counts
-
-
-def dense_tiles(layout: SegmentLayout, block_m: int, block_n: int) -> int:
-    """Tiles of block_m x block_n a dense kernel computes for one ordering head of one batch."""
-    num_tiles = ceil_div(layout.num_queries, block_m)
-    return sum(
-        layout.dense_tiles(min((t + 1) * block_m, layout.num_queries), block_n)
-        for t in range(num_tiles)
-    )
 
 
 @contextlib.contextmanager

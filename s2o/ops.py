@@ -1,13 +1,19 @@
-"""Typed Python wrappers of the three s2o ops (``torch.ops.s2o.*``).
+"""The s2o ops (``torch.ops.s2o.*``): a typed wrapper for each, called by keyword, with its fake
+kernel (for torch.compile and FakeTensor) beside it. Every output size depends only on the input
+shapes and the arguments.
 
 Shapes: query ``[B, Hq, Nq, D]``, key and value ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0``.
 ``H_ord`` (ordering heads) is ``Hkv`` when ``order_per_kv_head`` else ``Hq``; ``T`` is the total
-history length of all segments (:class:`s2o.layout.SegmentLayout`).
+history length of all segments (:class:`s2o.layout.SegmentLayout`). The tuning arguments have
+no defaults: those live in :class:`s2o.S2OConfig`, and :class:`s2o.plan.Plan` turns a config
+into these arguments.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .layout import SegmentLayout, ceil_div
 
 
 def estimate_importance(
@@ -15,24 +21,33 @@ def estimate_importance(
     key: torch.Tensor,
     *,
     segment_size: int,
-    q_offset: int = 0,
-    is_causal: bool = True,
-    order_per_kv_head: bool = True,
-    variance_weight: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q_offset: int,
+    is_causal: bool,
+    order_per_kv_head: bool,
+    score_variance: float,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Scores every history key of every query segment.
 
     The representative of a segment is the fp32 mean of its query rows (pooled over the G query
     heads of a KV group when ``order_per_kv_head``); a key's score is its dot product with it.
-    With ``variance_weight`` w > 0 the score adds ``w * sum_d var[d] * k[d]^2``, ``var`` the rows'
-    per-dimension variance: w = scale / 2 makes ``scale * score`` the Gaussian estimate of
-    ``log sum_i exp(scale * q_i . k)``, what the segment's rows spend on the key.
+    With ``score_variance`` c > 0 the score adds ``c * scale * sum_d var[d] * k[d]^2``, ``var``
+    the rows' per-dimension variance (``scale`` None: 1/sqrt(D)): c = 1/2 makes
+    ``scale * score`` the Gaussian estimate of ``log sum_i exp(scale * q_i . k)``, what the
+    segment's rows spend on the key.
 
-    Returns ``(representatives [B, H_ord, num_segments, D] fp32, scores [B, H_ord, T] fp32)``.
+    Returns scores ``[B, H_ord, T]`` fp32.
     """
     return torch.ops.s2o.estimate_importance(
-        query, key, segment_size, q_offset, is_causal, order_per_kv_head, variance_weight
+        query, key, segment_size, q_offset, is_causal, order_per_kv_head, score_variance, scale
     )
+
+
+@torch.library.register_fake("s2o::estimate_importance")
+def _(query, key, segment_size, q_offset, is_causal, order_per_kv_head, score_variance, scale):
+    layout = SegmentLayout(query.shape[2], key.shape[2], segment_size, q_offset, is_causal)
+    heads = key.shape[1] if order_per_kv_head else query.shape[1]
+    return query.new_empty((query.shape[0], heads, layout.total_history), dtype=torch.float32)
 
 
 def permute_indices(
@@ -41,24 +56,29 @@ def permute_indices(
     num_queries: int,
     num_keys: int,
     segment_size: int,
-    q_offset: int = 0,
-    is_causal: bool = True,
-    rank_bits: int = 32,
-    rank_head: int = 0,
+    q_offset: int,
+    is_causal: bool,
+    rank_bits: int,
+    ranked_keys: int,
 ) -> torch.Tensor:
     """Ranks each segment's history keys by falling score.
 
     Only the top ``rank_bits`` bits of an order-preserving integer map of the fp32 score take part
     (32: exact fp32 order); equal keys keep the lower key index first; NaN ranks first.
-    ``rank_head > 0`` ranks only the head of each list: the ``rank_head`` best keys and every key
-    tied with the last of them; the other keys follow in index order (on CUDA this needs
-    ``rank_bits <= 12``). 0 ranks the whole history.
+    ``ranked_keys > 0`` ranks only a prefix of each list: the ``ranked_keys`` best keys and every
+    key tied with the last of them; the other keys follow in index order (on CUDA this needs
+    ``rank_bits <= s2o.limits.COUNTING_RANK_BITS``). 0 ranks the whole history.
 
     Returns int32 ``[B, H_ord, T]``: per segment, a permutation of ``range(history_length)``.
     """
     return torch.ops.s2o.permute_indices(
-        scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits, rank_head
+        scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits, ranked_keys
     )
+
+
+@torch.library.register_fake("s2o::permute_indices")
+def _(scores, num_queries, num_keys, segment_size, q_offset, is_causal, rank_bits, ranked_keys):
+    return scores.new_empty(scores.shape, dtype=torch.int32)
 
 
 def sparse_attention(
@@ -68,18 +88,17 @@ def sparse_attention(
     indices: torch.Tensor,
     *,
     segment_size: int,
-    q_offset: int = 0,
-    is_causal: bool = True,
-    order_per_kv_head: bool = True,
-    group_units: bool = False,
-    block_m: int = 128,
-    block_n: int = 64,
-    threshold: float = 0.0,
-    patience: int = 1,
+    q_offset: int,
+    is_causal: bool,
+    order_per_kv_head: bool,
+    group_units: bool,
+    block_m: int,
+    block_n: int,
+    threshold: float,
+    patience: int,
+    tail_threshold: float | None,
     scale: float | None = None,
-    row_order: torch.Tensor | None = None,
     unit_threshold: torch.Tensor | None = None,
-    tail_threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Early-stopping sparse attention over ranked history tiles.
 
@@ -96,10 +115,7 @@ def sparse_attention(
     were each as heavy as it, could add ``tail_threshold`` of a row's mass (diffuse rows run on;
     rows whose tiles fall off fast stop where ``threshold`` stops them). None: off.
 
-    ``row_order`` (CPU only; the paper's query permutation), int32 ``[B, Hq, Nq]``: per query
-    head, the order of each segment's rows; query tile t of a segment takes the rows
-    ``row_order[..., t * block_m : (t + 1) * block_m]`` (a permutation of the segment's rows;
-    see :func:`s2o.reference.guided_row_order`). Outputs stay in row order.
+    ``scale``: the softmax scale (None: 1/sqrt(D)).
 
     ``unit_threshold``, fp32 ``[B, H_unit]`` on the query's device: per unit head, the threshold
     to use instead of ``threshold``; a negative entry skips that head's units (tile count 0, its
@@ -110,21 +126,18 @@ def sparse_attention(
     ceil(Nq/block_m)] int32)``, ``H_unit = Hkv`` with ``group_units`` else ``Hq``.
     """
     return torch.ops.s2o.sparse_attention(
-        query,
-        key,
-        value,
-        indices,
-        segment_size,
-        q_offset,
-        is_causal,
-        order_per_kv_head,
-        group_units,
-        block_m,
-        block_n,
-        threshold,
-        patience,
-        scale,
-        row_order,
-        unit_threshold,
-        tail_threshold,
-    )
+        query, key, value, indices, segment_size, q_offset, is_causal, order_per_kv_head,
+        group_units, block_m, block_n, threshold, patience, tail_threshold, scale, unit_threshold,
+    )  # fmt: skip
+
+
+@torch.library.register_fake("s2o::sparse_attention")
+def _(query, key, value, indices, segment_size, q_offset, is_causal, order_per_kv_head,
+      group_units, block_m, block_n, threshold, patience, tail_threshold, scale=None,
+      unit_threshold=None):  # fmt: skip
+    batch, q_heads, num_queries, _ = query.shape
+    units = key.shape[1] if group_units else q_heads
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    lse = query.new_empty((batch, q_heads, num_queries), dtype=torch.float32)
+    counts = query.new_empty((batch, units, ceil_div(num_queries, block_m)), dtype=torch.int32)
+    return out, lse, counts

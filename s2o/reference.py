@@ -3,7 +3,8 @@
 It follows the same semantics as the C++ ops (see s2o/ops.py and csrc/cpu/): segments of query
 rows score their history keys against the mean query, rank them by falling score, and attend to
 the local keys densely and to the ranked history tile by tile until a tile adds less than
-``threshold`` of any row's softmax mass.
+``threshold`` of any row's softmax mass. Each function takes the arguments of its op as a
+:class:`s2o.plan.Plan`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import SegmentLayout, ceil_div
-
-
-def softmax_scale(head_dim: int, scale: float | None = None) -> float:
-    """``scale``, or SDPA's default 1/sqrt(head_dim) (the kernels' default too: csrc/checks.h)."""
-    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+from .layout import ceil_div
+from .plan import Plan, softmax_scale
 
 
 def _kv_for_query_heads(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -55,35 +52,26 @@ def dense_attention(
     return torch.softmax(logits, dim=-1) @ v, lse
 
 
-def estimate_importance(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    *,
-    segment_size: int,
-    q_offset: int = 0,
-    is_causal: bool = True,
-    order_per_kv_head: bool = True,
-    variance_weight: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment representatives (mean query rows) and their dot products with the history keys,
-    plus ``variance_weight * sum_d var[d] * k[d]^2`` with ``var`` the per-dimension variance of the
-    segment's rows (pooled like the mean; see ``s2o.ops.estimate_importance``).
+def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Per segment, the representative (mean query row) dotted with the history keys, plus
+    ``score_variance * scale * sum_d var[d] * k[d]^2`` with ``var`` the per-dimension variance of
+    the segment's rows (pooled like the mean; see ``s2o.ops.estimate_importance``).
 
-    Returns ``(representatives [B, H_ord, num_segments, D], scores [B, H_ord, T])`` in fp32.
+    Returns scores ``[B, H_ord, T]`` fp32.
     """
     batch, q_heads, num_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    layout = SegmentLayout(num_queries, key.shape[2], segment_size, q_offset, is_causal)
+    layout, order_per_kv_head = plan.layout, plan.order_per_kv_head
+    variance_weight = plan.score_variance * softmax_scale(head_dim, plan.scale)
     q = query.float()
     k = key.float() if order_per_kv_head else _kv_for_query_heads(key.float(), group)
-    reps, scores = [], []
+    scores = []
     for s in range(layout.num_segments):
         rows = q[:, :, layout.segment_rows(s)]
         if order_per_kv_head:
             rows = rows.reshape(batch, kv_heads, -1, head_dim)
         rep = rows.mean(dim=2)
-        reps.append(rep)
         history = layout.history_length(s)
         keys = k[:, :, :history]
         score = torch.einsum("bhd,bhnd->bhn", rep, keys)
@@ -91,7 +79,7 @@ def estimate_importance(
             variance = (rows - rep.unsqueeze(2)).square().mean(dim=2)
             score = score + variance_weight * torch.einsum("bhd,bhnd->bhn", variance, keys.square())
         scores.append(score)
-    return torch.stack(reps, dim=2), torch.cat(scores, dim=-1)
+    return torch.cat(scores, dim=-1)
 
 
 def rank_keys(scores: torch.Tensor, rank_bits: int = 32) -> torch.Tensor:
@@ -104,29 +92,19 @@ def rank_keys(scores: torch.Tensor, rank_bits: int = 32) -> torch.Tensor:
     return key >> (32 - rank_bits)
 
 
-def permute_indices(
-    scores: torch.Tensor,
-    *,
-    num_queries: int,
-    num_keys: int,
-    segment_size: int,
-    q_offset: int = 0,
-    is_causal: bool = True,
-    rank_bits: int = 32,
-    rank_head: int = 0,
-) -> torch.Tensor:
+def permute_indices(scores: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Per segment, the history key indices by falling rank key, ties by lower index (int32).
-    With ``rank_head > 0`` only the keys at or above the ``rank_head``-th largest rank key are
+    With ``ranked_keys > 0`` only the keys at or above the ``ranked_keys``-th largest rank key are
     ranked; the others follow in index order."""
-    layout = SegmentLayout(num_queries, num_keys, segment_size, q_offset, is_causal)
+    layout, rank_bits, ranked_keys = plan.layout, plan.rank_bits, plan.ranked_keys
     keys = rank_keys(scores, rank_bits)
     out = torch.empty(scores.shape, dtype=torch.int32, device=scores.device)
     for s in range(layout.num_segments):
         begin, length = layout.history_offset(s), layout.history_length(s)
         seg = keys[..., begin : begin + length]
         order = torch.argsort(-seg, dim=-1, stable=True)
-        if 0 < rank_head < length:
-            head_min = torch.gather(seg, -1, order[..., rank_head - 1 : rank_head])
+        if 0 < ranked_keys < length:
+            head_min = torch.gather(seg, -1, order[..., ranked_keys - 1 : ranked_keys])
             # The full order puts the tail (keys below head_min) last; put its keys in index
             # order: sorted with the head's entries as -1, they fill the same suffix.
             in_tail = torch.gather(seg, -1, order) < head_min
@@ -194,30 +172,23 @@ def sparse_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     indices: torch.Tensor,
-    *,
-    segment_size: int,
-    q_offset: int = 0,
-    is_causal: bool = True,
-    order_per_kv_head: bool = True,
-    group_units: bool = False,
-    block_m: int = 128,
-    block_n: int = 64,
-    threshold: float = 0.0,
-    patience: int = 1,
-    scale: float | None = None,
-    row_order: torch.Tensor | None = None,
+    plan: Plan,
     unit_threshold: torch.Tensor | None = None,
-    tail_threshold: float | None = None,
 ) -> SparseResult:
     """Early-stopping sparse attention, one work unit at a time (see s2o.ops.sparse_attention)."""
     batch, q_heads, num_queries, head_dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
-    layout = SegmentLayout(num_queries, num_keys, segment_size, q_offset, is_causal)
-    scale = softmax_scale(head_dim, scale)
-    if group_units and not order_per_kv_head:
+    layout, block_m, block_n, q_offset = (
+        plan.layout,
+        plan.block_m,
+        plan.block_n,
+        plan.layout.q_offset,
+    )
+    scale = softmax_scale(head_dim, plan.scale)
+    if plan.group_units and not plan.order_per_kv_head:
         raise ValueError("group_units needs order_per_kv_head")
-    unit_heads = group if group_units else 1
+    unit_heads = group if plan.group_units else 1
     units = q_heads // unit_heads
     num_tiles = ceil_div(num_queries, block_m)
     q, k, v = query.float(), key.float(), value.float()
@@ -232,25 +203,23 @@ def sparse_attention(
         for h in range(units):
             heads = list(range(h * unit_heads, (h + 1) * unit_heads))
             kv_head = heads[0] // group
-            list_head = kv_head if order_per_kv_head else heads[0]
+            list_head = kv_head if plan.order_per_kv_head else heads[0]
             keys, values = k[b, kv_head], v[b, kv_head]
-            head_threshold = threshold if unit_threshold is None else float(unit_threshold[b, h])
+            head_threshold = (
+                plan.threshold if unit_threshold is None else float(unit_threshold[b, h])
+            )
             if head_threshold < 0:  # skipped: nothing computed or written
                 continue
             for t in range(num_tiles):
                 slots = torch.arange(t * block_m, min((t + 1) * block_m, num_queries), device=dev)
-                segment = int(slots[0]) // segment_size
-                # [unit_heads, tile rows]: each head's rows of this tile.
-                if row_order is None:
-                    rows = slots.expand(unit_heads, -1)
-                else:
-                    rows = row_order[b, heads][:, slots].long().to(dev)
+                segment = int(slots[0]) // layout.segment_size
+                rows = slots.expand(unit_heads, -1)  # [unit_heads, tile rows]
                 head_index = torch.tensor(heads, device=dev)[:, None].expand_as(rows)
                 unit = _OnlineSoftmax(
                     q[b, head_index, rows].reshape(-1, head_dim) * scale, rows.flatten() + q_offset
                 )
                 tiles = 0
-                if is_causal:
+                if layout.is_causal:
                     local_end = min(int(rows.max()) + q_offset + 1, num_keys)
                     for k0 in range(layout.segment_start(segment), local_end, block_n):
                         key_pos = torch.arange(k0, min(k0 + block_n, local_end), device=dev)
@@ -265,33 +234,14 @@ def sparse_attention(
                     max_ratio = unit.fold(keys, values, ranked[t0 : t0 + block_n], masked=False)
                     tiles += 1
                     bar = stop_threshold(
-                        head_threshold, tail_threshold, history_tiles - t0 // block_n - 1
+                        head_threshold, plan.tail_threshold, history_tiles - t0 // block_n - 1
                     )
                     if bar > 0:
                         margins[b, h, t] = min(margins[b, h, t], abs(max_ratio / bar - 1))
                     quiet = quiet + 1 if max_ratio < bar else 0
-                    if quiet >= patience:
+                    if quiet >= plan.patience:
                         break
                 counts[b, h, t] = tiles
                 out[b, head_index, rows] = unit.output().reshape(*rows.shape, head_dim)
                 lse[b, head_index, rows] = unit.lse().reshape(rows.shape)
     return SparseResult(out, lse, counts, margins)
-
-
-def guided_row_order(
-    query: torch.Tensor, segment_size: int, guide: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A query permutation for ``sparse_attention(row_order=...)``: per query head and segment,
-    the segment's rows by falling projection on a guide vector (ties: lower row first), so that
-    a query tile gathers rows that lean the same way. ``guide`` ``[B, Hq, num_segments, D]``;
-    None: each segment's mean query row of that head. Returns int32 ``[B, Hq, Nq]``."""
-    batch, q_heads, num_queries, head_dim = query.shape
-    q = query.float()
-    order = torch.empty(batch, q_heads, num_queries, dtype=torch.int32, device=query.device)
-    for s, begin in enumerate(range(0, num_queries, segment_size)):
-        rows = q[:, :, begin : begin + segment_size]
-        g = rows.mean(dim=2) if guide is None else guide[:, :, s].float()
-        projection = torch.einsum("bhrd,bhd->bhr", rows, g)
-        ranked = torch.argsort(-projection, dim=-1, stable=True)
-        order[:, :, begin : begin + rows.shape[2]] = (ranked + begin).to(torch.int32)
-    return order

@@ -8,7 +8,8 @@ import zlib
 import pytest
 import torch
 
-import s2o
+from s2o.layout import SegmentLayout
+from s2o.plan import Plan
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "s2o::sparse_attention", "CUDA"
@@ -113,59 +114,50 @@ def runs_wgmma_kernel() -> bool:
     return torch.cuda.get_device_capability() == (9, 0)
 
 
-def layout_kwargs(case: Case) -> dict:
-    """The segment layout arguments of permute_indices (and SegmentLayout) for a case."""
-    return dict(
-        num_queries=case.num_queries,
-        num_keys=case.num_keys,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
+def case_layout(case: Case) -> SegmentLayout:
+    return SegmentLayout(
+        case.num_queries, case.num_keys, case.segment_size, case.q_offset, case.is_causal
     )
 
 
-def run_pipeline(
-    case: Case,
-    q,
-    k,
-    v,
+def make_plan(
+    layout: SegmentLayout,
     *,
+    block_m=16,
+    block_n=16,
     order_per_kv_head=True,
     group_units=False,
     threshold=0.0,
     patience=1,
-    rank_bits=32,
-    rank_head=0,
-    row_order=None,
     tail_threshold=None,
-):
-    """The three ops in sequence; returns (scores, indices, (out, lse, tile_counts))."""
-    _, scores = s2o.estimate_importance(
-        q,
-        k,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        order_per_kv_head=order_per_kv_head,
-    )
-    indices = s2o.permute_indices(
-        scores, rank_bits=rank_bits, rank_head=rank_head, **layout_kwargs(case)
-    )
-    result = s2o.sparse_attention(
-        q,
-        k,
-        v,
-        indices,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
+    rank_bits=32,
+    ranked_keys=0,
+    score_variance=0.0,
+    scale=None,
+) -> Plan:
+    """A plan with the tests' defaults: exact attention over a fully ranked history."""
+    return Plan(
+        layout=layout,
         order_per_kv_head=order_per_kv_head,
         group_units=group_units,
-        block_m=case.block_m,
-        block_n=case.block_n,
+        block_m=block_m,
+        block_n=block_n,
         threshold=threshold,
         patience=patience,
-        row_order=row_order,
         tail_threshold=tail_threshold,
+        rank_bits=rank_bits,
+        ranked_keys=ranked_keys,
+        score_variance=score_variance,
+        scale=scale,
     )
-    return scores, indices, result
+
+
+def case_plan(case: Case, **knobs) -> Plan:
+    """The plan of a case (its layout and tile sizes) with ``make_plan``'s knobs."""
+    return make_plan(case_layout(case), block_m=case.block_m, block_n=case.block_n, **knobs)
+
+
+def run_pipeline(case: Case, q, k, v, **knobs):
+    """The three ops in sequence with ``case_plan(case, **knobs)``; returns (scores, indices,
+    (out, lse, tile_counts))."""
+    return case_plan(case, **knobs).run(q, k, v)

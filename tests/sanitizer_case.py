@@ -38,15 +38,15 @@ def main() -> None:
 
 
 def check(case: Case, modes: dict) -> None:
-    # 12 rank bits: the counting sort of permute_indices (ranking the whole history, or a head of
+    # 12 rank bits: the counting sort of permute_indices (ranking the whole history, or a prefix of
     # 40 keys and the rest in index order); 32: its radix sort.
-    for dtype, rank_bits, rank_head in (
+    for dtype, rank_bits, ranked_keys in (
         (torch.bfloat16, 12, 0),
         (torch.bfloat16, 12, 40),
         (torch.float16, 32, 0),
     ):
         q, k, v = make_qkv(case, dtype, contiguous=False, peaky=True)
-        kwargs = dict(threshold=0.02, rank_bits=rank_bits, rank_head=rank_head, **modes)
+        kwargs = dict(threshold=0.02, rank_bits=rank_bits, ranked_keys=ranked_keys, **modes)
         _, indices, (out, _, counts) = run_pipeline(case, q, k, v, **kwargs)
         qc, kc, vc = (t.cuda() for t in (q, k, v))
         _, indices_c, (out_c, _, counts_c) = run_pipeline(case, qc, kc, vc, **kwargs)

@@ -66,7 +66,7 @@ def test_default_config_on_structured_data_is_sparse_and_accurate():
     assert set(stats.time_ms) == {"estimate", "permute", "attend", "check"}
 
 
-def test_rank_head_reaches_the_ranking():
+def test_ranked_keys_reaches_the_ranking():
     """A head shorter than the histories changes which keys a unit visits (the tail is in index
     order), stays accurate at the default threshold, and is exact at threshold 0."""
     q, k, v = data.structured_qkv(2048, q_heads=4, kv_heads=1, head_dim=64, dtype=torch.float32)
@@ -78,11 +78,11 @@ def test_rank_head_reaches_the_ranking():
             q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
         )
 
-    everything, _ = run(rank_head=0)
-    head, _ = run(rank_head=256)
+    everything, _ = run(ranked_keys=0)
+    head, _ = run(ranked_keys=256)
     assert not torch.equal(head, everything)
     assert ((head - dense).norm() / dense.norm()).item() < 0.10
-    exact, _ = run(rank_head=1, threshold=0.0)
+    exact, _ = run(ranked_keys=1, threshold=0.0)
     torch.testing.assert_close(exact, dense, atol=1e-5, rtol=1e-4)
 
 

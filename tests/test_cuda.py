@@ -8,8 +8,9 @@ import torch.nn.functional as F
 import s2o
 from s2o import S2OConfig, data, reference
 from s2o.layout import SegmentLayout
+from s2o.limits import COUNTING_RANK_BITS
 
-from .conftest import MODES, Case, layout_kwargs, make_qkv, run_pipeline, runs_wgmma_kernel
+from .conftest import MODES, Case, case_plan, make_plan, make_qkv, run_pipeline, runs_wgmma_kernel
 
 pytestmark = pytest.mark.cuda
 
@@ -51,92 +52,57 @@ def _pair(case, dtype, contiguous=True, peaky=True):
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("order_per_kv_head", [True, False], ids=["kvhead", "qhead"])
-@pytest.mark.parametrize("variance_weight", [0.0, 0.3], ids=["mean", "variance"])
+@pytest.mark.parametrize("score_variance", [0.0, 0.3], ids=["mean", "variance"])
 def test_estimate_importance_is_bitwise_equal_to_cpu(
-    case, dtype, order_per_kv_head, variance_weight
+    case, dtype, order_per_kv_head, score_variance
 ):
     (q, k, _), (qc, kc, _) = _pair(case, dtype, contiguous=case.batch == 1)
-    kwargs = dict(
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        order_per_kv_head=order_per_kv_head,
-        variance_weight=variance_weight,
-    )
-    reps, scores = s2o.estimate_importance(q, k, **kwargs)
-    reps_c, scores_c = s2o.estimate_importance(qc, kc, **kwargs)
-    assert torch.equal(reps_c.cpu(), reps)
-    assert torch.equal(scores_c.cpu(), scores)
+    plan = case_plan(case, order_per_kv_head=order_per_kv_head, score_variance=score_variance)
+    assert torch.equal(plan.estimate(qc, kc).cpu(), plan.estimate(q, k))
 
 
-# rank_head 0 ranks everything: radix sort above 12 bits, counting sort below; a head needs the
+# ranked_keys 0 ranks everything: radix sort above 12 bits, counting sort below; a prefix needs the
 # counting sort.
 RANKINGS = [(32, 0), (16, 0), (12, 0), (3, 0)] + [(b, h) for b in (12, 3) for h in (1, 50, 200)]
 
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize(("rank_bits", "rank_head"), RANKINGS)
-def test_permute_indices_is_equal_to_cpu(case, rank_bits, rank_head):
+@pytest.mark.parametrize(("rank_bits", "ranked_keys"), RANKINGS)
+def test_permute_indices_is_equal_to_cpu(case, rank_bits, ranked_keys):
     (q, k, _), _ = _pair(case, torch.bfloat16)
-    _, scores = s2o.estimate_importance(
-        q, k, segment_size=case.segment_size, q_offset=case.q_offset, is_causal=case.is_causal
-    )
-    kwargs = dict(rank_bits=rank_bits, rank_head=rank_head, **layout_kwargs(case))
-    expected = s2o.permute_indices(scores, **kwargs)
-    assert torch.equal(s2o.permute_indices(scores.cuda(), **kwargs).cpu(), expected)
-
-
-def test_row_order_is_cpu_only():
-    case = Case(1, 4, 2, 100, 100, 64, 32, 16, 64)
-    _, (q, k, v) = _pair(case, torch.bfloat16)
-    _, indices, _ = run_pipeline(case, q, k, v)
-    row_order = reference.guided_row_order(q, 32)
-    with pytest.raises(RuntimeError, match="only implemented on the CPU"):
-        s2o.sparse_attention(
-            q, k, v, indices, segment_size=32, block_m=16, threshold=0.0, row_order=row_order
-        )
+    plan = case_plan(case, rank_bits=rank_bits, ranked_keys=ranked_keys)
+    scores = plan.estimate(q, k)
+    assert torch.equal(plan.permute(scores.cuda()).cpu(), plan.permute(scores))
 
 
 def test_permute_indices_head_needs_counting_sort_on_cuda():
     scores = torch.randn(1, 1, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="rank_bits <= 12"):
-        s2o.permute_indices(
-            scores, num_queries=9, num_keys=9, segment_size=8, rank_bits=16, rank_head=2
-        )
+    plan = make_plan(SegmentLayout(9, 9, 8), rank_bits=COUNTING_RANK_BITS + 1, ranked_keys=2)
+    with pytest.raises(RuntimeError, match=f"rank_bits <= {COUNTING_RANK_BITS}"):
+        plan.permute(scores)
 
 
 @pytest.mark.parametrize("rank_bits", [32, 12])
 def test_permute_indices_special_values_on_cuda(rank_bits):
     nan, inf = float("nan"), float("inf")
     scores = torch.tensor([1.0, -0.0, 3.0, 1.0, nan, 0.0, -inf, 3.0]).view(1, 1, 8).cuda()
-    indices = s2o.permute_indices(
-        scores, num_queries=9, num_keys=9, segment_size=8, rank_bits=rank_bits
-    )
+    indices = make_plan(SegmentLayout(9, 9, 8), rank_bits=rank_bits).permute(scores)
     assert indices[0, 0].tolist() == [4, 2, 7, 0, 3, 1, 5, 6]
 
 
 @pytest.mark.parametrize("rank_bits", [12, 7, 1])
 @pytest.mark.parametrize("is_causal", [True, False])
-@pytest.mark.parametrize("rank_head", [0, 1000])
-def test_permute_indices_long_histories_with_ties(rank_bits, is_causal, rank_head):
+@pytest.mark.parametrize("ranked_keys", [0, 1000])
+def test_permute_indices_long_histories_with_ties(rank_bits, is_causal, ranked_keys):
     """Histories long enough that every warp of the counting sort owns many keys, with few
     distinct scores so that the tie order (lower index first) decides most positions."""
-    layout = dict(
-        num_queries=6000,
-        num_keys=7000,
-        segment_size=512,
-        q_offset=1000,
-        is_causal=is_causal,
-        rank_bits=rank_bits,
-        rank_head=rank_head,
-    )
-    total = SegmentLayout(6000, 7000, 512, 1000, is_causal).total_history
+    layout = SegmentLayout(6000, 7000, 512, 1000, is_causal)
+    plan = make_plan(layout, rank_bits=rank_bits, ranked_keys=ranked_keys)
     generator = torch.Generator().manual_seed(0)
     levels = torch.tensor([-3.0, -0.5, 0.0, 0.25, 0.26, 2.0, 40.0])
-    scores = levels[torch.randint(len(levels), (2, 3, total), generator=generator)]
+    scores = levels[torch.randint(len(levels), (2, 3, layout.total_history), generator=generator)]
     scores += 1e-3 * torch.randn(scores.shape, generator=generator)
-    expected = s2o.permute_indices(scores, **layout)
-    assert torch.equal(s2o.permute_indices(scores.cuda(), **layout).cpu(), expected)
+    assert torch.equal(plan.permute(scores.cuda()).cpu(), plan.permute(scores))
 
 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: c.id)
@@ -149,22 +115,11 @@ def test_sparse_attention_matches_cpu(case, dtype, mode, threshold, tail, attent
         pytest.skip("unit larger than the CUDA kernel's 128 rows")
     (q, k, v), (qc, kc, vc) = _pair(case, dtype, contiguous=case.batch == 1)
     modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
-    knobs = dict(threshold=threshold, tail_threshold=tail, **modes)
-    scores, indices, (out, lse, counts) = run_pipeline(case, q, k, v, **knobs)
-    _, indices_c, (out_c, lse_c, counts_c) = run_pipeline(case, qc, kc, vc, **knobs)
+    plan = case_plan(case, threshold=threshold, tail_threshold=tail, **modes)
+    scores, indices, (out, lse, counts) = plan.run(q, k, v)
+    _, indices_c, (out_c, lse_c, counts_c) = plan.run(qc, kc, vc)
     assert torch.equal(indices_c.cpu(), indices)
-    ref = reference.sparse_attention(
-        q,
-        k,
-        v,
-        indices,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        block_m=case.block_m,
-        block_n=case.block_n,
-        **knobs,
-    )
+    ref = reference.sparse_attention(q, k, v, indices, plan)
     clear = ref.decision_margin > DECISION_MARGIN
     assert clear.float().mean() > 0.9
     assert torch.equal(counts[clear], ref.tile_counts[clear])
@@ -256,21 +211,23 @@ def test_nan_key_reaches_the_rows_that_attend_to_it(attention_kernel):
 def test_cuda_input_errors():
     q = torch.randn(1, 4, 100, 32, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 100, 32, device="cuda", dtype=torch.bfloat16)
+    plan = make_plan(SegmentLayout(100, 100, 32))
     with pytest.raises(RuntimeError, match="head dim must be 64 or 128"):
-        s2o.estimate_importance(q, k, segment_size=32)
+        plan.estimate(q, k)
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
-        s2o.estimate_importance(q.float(), k.float(), segment_size=32)
+        plan.estimate(q.float(), k.float())
     case = Case(1, 4, 2, 100, 100, 64, 32, 16, 64)
     _, (q, k, v) = _pair(case, torch.bfloat16)
-    _, indices, _ = run_pipeline(case, q, k, v)
-    kwargs = dict(segment_size=32, block_m=16, threshold=0.0)
+    plan = case_plan(case)
+    _, indices, _ = plan.run(q, k, v)
     with pytest.raises(RuntimeError, match="block_n=64"):
-        s2o.sparse_attention(q, k, v, indices, block_n=32, **kwargs)
+        plan.replace(block_n=32).attend(q, k, v, indices)
     big = Case(1, 16, 1, 100, 100, 64, 32, 16, 64)
     _, (q, k, v) = _pair(big, torch.bfloat16)
-    _, indices, _ = run_pipeline(Case(1, 16, 1, 100, 100, 64, 32, 2, 64), q, k, v)
+    plan = case_plan(big, group_units=True)
+    indices = plan.permute(plan.estimate(q, k))
     with pytest.raises(RuntimeError, match="at most 128 rows"):
-        s2o.sparse_attention(q, k, v, indices, block_n=64, group_units=True, **kwargs)
+        plan.attend(q, k, v, indices)
 
 
 def test_attention_kernel_choice_is_checked(monkeypatch):
@@ -307,27 +264,18 @@ def test_unit_threshold_matches_cpu(case, mode, attention_kernel):
     if group_units and case.q_heads // case.kv_heads * case.block_m > 128:
         pytest.skip("unit larger than the CUDA kernel's 128 rows")
     (q, k, v), (qc, kc, vc) = _pair(case, torch.bfloat16)
-    modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
-    _, indices, _ = run_pipeline(case, q, k, v, **modes)
+    plan = case_plan(
+        case, order_per_kv_head=order_per_kv_head, group_units=group_units, threshold=0.5
+    )
+    indices = plan.permute(plan.estimate(q, k))
     units = case.kv_heads if group_units else case.q_heads
     unit_threshold = torch.tensor([-1.0, 0.0, 0.03])[torch.arange(case.batch * units) % 3]
     unit_threshold = unit_threshold.view(case.batch, units)
-    kwargs = dict(
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        block_m=case.block_m,
-        block_n=case.block_n,
-        threshold=0.5,
-        **modes,
+    out, lse, counts = plan.attend(q, k, v, indices, unit_threshold=unit_threshold)
+    out_c, lse_c, counts_c = plan.attend(
+        qc, kc, vc, indices.cuda(), unit_threshold=unit_threshold.cuda()
     )
-    out, lse, counts = s2o.sparse_attention(
-        q, k, v, indices, unit_threshold=unit_threshold, **kwargs
-    )
-    out_c, lse_c, counts_c = s2o.sparse_attention(
-        qc, kc, vc, indices.cuda(), unit_threshold=unit_threshold.cuda(), **kwargs
-    )
-    ref = reference.sparse_attention(q, k, v, indices, unit_threshold=unit_threshold, **kwargs)
+    ref = reference.sparse_attention(q, k, v, indices, plan, unit_threshold=unit_threshold)
     skipped = unit_threshold < 0
     assert bool((counts_c.cpu()[skipped] == 0).all()) and bool((counts_c.cpu()[~skipped] > 0).all())
     clear = ref.decision_margin > DECISION_MARGIN

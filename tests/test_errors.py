@@ -19,21 +19,37 @@ def _qkv(**overrides):
     return tensors["q"], tensors["k"], tensors["v"]
 
 
+def _estimate(q, k, **kwargs):
+    return s2o.estimate_importance(
+        q, k, **{**LAYOUT, "order_per_kv_head": True, "score_variance": 0.0, **kwargs}
+    )
+
+
+def _permute(scores, **kwargs):
+    return s2o.permute_indices(scores, **{**LAYOUT, "rank_bits": 32, "ranked_keys": 0, **kwargs})
+
+
 def _indices(q, k, order_per_kv_head=True, **layout):
     layout = {**LAYOUT, **layout}
-    _, scores = s2o.estimate_importance(q, k, order_per_kv_head=order_per_kv_head, **layout)
-    return s2o.permute_indices(scores, num_queries=q.shape[2], num_keys=k.shape[2], **layout)
+    scores = _estimate(q, k, order_per_kv_head=order_per_kv_head, **layout)
+    return _permute(scores, num_queries=q.shape[2], num_keys=k.shape[2], **layout)
 
 
 def _attend(q, k, v, indices=None, **kwargs):
-    args = {**LAYOUT, "block_m": 16, "block_n": 16, "threshold": 0.01, **kwargs}
+    args = {
+        **LAYOUT,
+        "order_per_kv_head": True,
+        "group_units": False,
+        "block_m": 16,
+        "block_n": 16,
+        "threshold": 0.01,
+        "patience": 1,
+        "tail_threshold": None,
+        **kwargs,
+    }
     if indices is None:
         indices = _indices(q, k, **{n: args[n] for n in LAYOUT})
     return s2o.sparse_attention(q, k, v, indices, **args)
-
-
-def _estimate(q, k, **kwargs):
-    return s2o.estimate_importance(q, k, **{**LAYOUT, **kwargs})
 
 
 TENSOR_CASES = {
@@ -112,9 +128,7 @@ def test_bad_q_offset(q_offset):
     with pytest.raises(RuntimeError, match="q_offset must be in"):
         _estimate(q, k, q_offset=q_offset)
     with pytest.raises(RuntimeError, match="q_offset must be in"):
-        s2o.permute_indices(
-            torch.zeros(1, 2, 0), num_queries=N, num_keys=N, segment_size=32, q_offset=q_offset
-        )
+        _permute(torch.zeros(1, 2, 0), num_queries=N, num_keys=N, q_offset=q_offset)
     with pytest.raises(RuntimeError, match="q_offset must be in"):
         _attend(q, k, v, indices=_indices(q, k), q_offset=q_offset)
     q_short = torch.randn(B, HQ, N - 10, D)
@@ -124,10 +138,17 @@ def test_bad_q_offset(q_offset):
 
 
 @pytest.mark.parametrize("weight", [-0.5, float("nan"), float("inf")])
-def test_bad_variance_weight(weight):
+def test_bad_score_variance(weight):
     q, k, _ = _qkv()
-    with pytest.raises(RuntimeError, match="variance_weight must be finite and >= 0"):
-        _estimate(q, k, variance_weight=weight)
+    with pytest.raises(RuntimeError, match="score_variance must be finite and >= 0"):
+        _estimate(q, k, score_variance=weight)
+
+
+def test_variance_term_needs_a_positive_scale():
+    q, k, _ = _qkv()
+    with pytest.raises(RuntimeError, match="scale must be > 0 with score_variance > 0"):
+        _estimate(q, k, score_variance=0.5, scale=-0.1)
+    _estimate(q, k, score_variance=0.0, scale=-0.1)  # no variance term: any scale
 
 
 def test_bad_indices():
@@ -155,18 +176,18 @@ def test_group_units_need_per_kv_head_ordering():
 
 def test_bad_permute_arguments():
     q, k, _ = _qkv()
-    _, scores = _estimate(q, k)
-    kwargs = dict(num_queries=N, num_keys=N, **LAYOUT)
+    scores = _estimate(q, k)
+    kwargs = dict(num_queries=N, num_keys=N)
     with pytest.raises(RuntimeError, match="rank_bits must be in"):
-        s2o.permute_indices(scores, rank_bits=0, **kwargs)
+        _permute(scores, rank_bits=0, **kwargs)
     with pytest.raises(RuntimeError, match="rank_bits must be in"):
-        s2o.permute_indices(scores, rank_bits=33, **kwargs)
+        _permute(scores, rank_bits=33, **kwargs)
     with pytest.raises(RuntimeError, match="scores must be a float32"):
-        s2o.permute_indices(scores.double(), **kwargs)
+        _permute(scores.double(), **kwargs)
     with pytest.raises(RuntimeError, match="scores must have shape"):
-        s2o.permute_indices(scores[..., :-1], **kwargs)
+        _permute(scores[..., :-1], **kwargs)
     with pytest.raises(RuntimeError, match="num_keys must be >= 1"):
-        s2o.permute_indices(scores, **{**kwargs, "num_keys": 0})
+        _permute(scores, num_queries=N, num_keys=0)
 
 
 @pytest.mark.cuda
@@ -257,7 +278,7 @@ CONFIG_CASES = {
     "threshold": (dict(threshold=-1.0), r"threshold must be in \[0, 1\]"),
     "threshold above 1": (dict(threshold=2.0), r"threshold must be in \[0, 1\]"),
     "rank_bits": (dict(rank_bits=40), "rank_bits must be in"),
-    "rank_head": (dict(rank_head=-1), "rank_head must be None or >= 0"),
+    "ranked_keys": (dict(ranked_keys=-1), "ranked_keys must be None or >= 0"),
     "score_variance": (dict(score_variance=-0.5), "score_variance must be finite"),
     "patience": (dict(patience=0), "patience must be >= 1"),
     "tail_threshold": (dict(tail_threshold=float("nan")), "tail_threshold must be finite"),
@@ -288,11 +309,11 @@ def test_bad_config_types(case):
         S2OConfig(**kwargs)
 
 
-def test_rank_head_follows_the_threshold():
+def test_ranked_keys_follows_the_threshold():
     # block_n x (max(64, 1 / threshold) tiles rounded up to a power of two); 0 ranks everything.
     expected = {0.0: 0, 0.1: 4096, 0.03: 4096, 0.01: 8192, 0.004: 16384, 0.001: 65536}
-    for threshold, rank_head in expected.items():
-        assert S2OConfig(threshold=threshold).resolve_rank_head() == rank_head
-    assert S2OConfig(threshold=0.004, block_n=32).resolve_rank_head() == 8192
-    assert S2OConfig(threshold=0.1, rank_head=0).resolve_rank_head() == 0
-    assert S2OConfig(rank_head=1000).resolve_rank_head() == 1000
+    for threshold, ranked_keys in expected.items():
+        assert S2OConfig(threshold=threshold).resolve_ranked_keys() == ranked_keys
+    assert S2OConfig(threshold=0.004, block_n=32).resolve_ranked_keys() == 8192
+    assert S2OConfig(threshold=0.1, ranked_keys=0).resolve_ranked_keys() == 0
+    assert S2OConfig(ranked_keys=1000).resolve_ranked_keys() == 1000

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 import s2o
 from benchmarks import baselines, quality
-from s2o.attention import dense_tiles
-from s2o.layout import SegmentLayout
+from s2o.plan import Plan
 
 
 def _causal_softmax_reference(q, k, v, allowed_keys):
@@ -26,8 +25,10 @@ def _causal_softmax_reference(q, k, v, allowed_keys):
 @pytest.mark.parametrize("num_tokens", [64, 100, 256, 1000])
 def test_causal_tile_count_is_s2o_dense_tiles(num_tokens):
     for segment in (64, 256):
-        layout = SegmentLayout(num_tokens, num_tokens, segment, 0, True)
-        assert baselines.causal_tile_count(num_tokens, 64) == dense_tiles(layout, 64, 64)
+        config = s2o.S2OConfig(segment_size=segment, block_m=64, block_n=64)
+        shape = (1, 1, num_tokens, 64)
+        plan = Plan.for_call(config, shape, shape, is_causal=True)
+        assert baselines.causal_tile_count(num_tokens, 64) == plan.dense_tiles()
 
 
 def test_merged_tile_selections_equal_masked_softmax():
@@ -163,13 +164,7 @@ def test_python_mean_scores_equal_the_op(ordering, score_variance):
     config = quality.benchmark_config(
         segment_size=64, ordering=ordering, score_variance=score_variance
     )
-    _, expected = s2o.estimate_importance(
-        q,
-        k,
-        segment_size=64,
-        order_per_kv_head=config.order_per_kv_head,
-        variance_weight=score_variance * 0.25,
-    )
+    expected = Plan.for_call(config, q.shape, k.shape, is_causal=True, scale=0.25).estimate(q, k)
     scores = quality.alternative_scores(q, k, config, "mean", scale=0.25)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     assert quality.alternative_scores(q, k, config, "head-max", scale=0.25).shape == scores.shape

@@ -4,51 +4,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import s2o
 from s2o import data, reference
-from s2o.attention import dense_tiles
-from s2o.layout import SegmentLayout
 
-from .conftest import CPU_CASES, MODES, TOLERANCES, Case, make_qkv, run_pipeline
+from .conftest import (
+    CPU_CASES,
+    MODES,
+    TOLERANCES,
+    Case,
+    case_layout,
+    case_plan,
+    make_qkv,
+    run_pipeline,
+)
 
 # Near-threshold decisions may go either way between implementations: tile counts are compared
 # only for units whose every stop decision was farther than this (relative) from the threshold.
 DECISION_MARGIN = 1e-3
 
 
-def assert_matches_reference(
-    case,
-    q,
-    k,
-    v,
-    indices,
-    result,
-    *,
-    mode,
-    threshold,
-    patience=1,
-    row_order=None,
-    tail_threshold=None,
-):
+def assert_matches_reference(q, k, v, indices, result, plan):
+    """The op's result equals the reference's with the same plan."""
     out, lse, counts = result
-    order_per_kv_head, group_units = MODES[mode]
-    ref = reference.sparse_attention(
-        q,
-        k,
-        v,
-        indices,
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        order_per_kv_head=order_per_kv_head,
-        group_units=group_units,
-        block_m=case.block_m,
-        block_n=case.block_n,
-        threshold=threshold,
-        patience=patience,
-        row_order=row_order,
-        tail_threshold=tail_threshold,
-    )
+    ref = reference.sparse_attention(q, k, v, indices, plan)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert counts.shape == ref.tile_counts.shape and counts.dtype == torch.int32
@@ -68,19 +45,15 @@ def assert_matches_reference(
 def test_matches_reference(case, mode, threshold, tail):
     q, k, v = make_qkv(case, peaky=True)
     order_per_kv_head, group_units = MODES[mode]
-    _, indices, result = run_pipeline(
+    plan = case_plan(
         case,
-        q,
-        k,
-        v,
         order_per_kv_head=order_per_kv_head,
         group_units=group_units,
         threshold=threshold,
         tail_threshold=tail,
     )
-    assert_matches_reference(
-        case, q, k, v, indices, result, mode=mode, threshold=threshold, tail_threshold=tail
-    )
+    _, indices, result = plan.run(q, k, v)
+    assert_matches_reference(q, k, v, indices, result, plan)
 
 
 def test_tail_threshold_runs_diffuse_rows_on():
@@ -114,8 +87,9 @@ def test_tail_threshold_runs_diffuse_rows_on():
 @pytest.mark.parametrize("case", CPU_CASES[1:4], ids=lambda c: c.id)
 def test_low_precision_and_strided_inputs(case, dtype, contiguous):
     q, k, v = make_qkv(case, dtype, contiguous=contiguous, peaky=True)
-    _, indices, result = run_pipeline(case, q, k, v, threshold=0.02)
-    assert_matches_reference(case, q, k, v, indices, result, mode="kvhead", threshold=0.02)
+    plan = case_plan(case, threshold=0.02)
+    _, indices, result = plan.run(q, k, v)
+    assert_matches_reference(q, k, v, indices, result, plan)
 
 
 def test_early_stopping_triggers_in_the_grid():
@@ -158,9 +132,7 @@ def test_threshold_zero_equals_sdpa(case, dtype, mode):
     )
     torch.testing.assert_close(lse, dense_lse, atol=1e-4, rtol=1e-5)
     # Threshold 0 visits every local and history tile.
-    layout = SegmentLayout(
-        case.num_queries, case.num_keys, case.segment_size, case.q_offset, case.is_causal
-    )
+    layout = case_layout(case)
     for t in range(counts.shape[-1]):
         row_end = min((t + 1) * case.block_m, case.num_queries)
         seg = t * case.block_m // case.segment_size
@@ -172,74 +144,6 @@ def test_threshold_zero_equals_sdpa(case, dtype, mode):
             local = math.ceil(local_keys / case.block_n)
         history = math.ceil(layout.history_length(seg) / case.block_n)
         assert (counts[..., t] == local + history).all()
-
-
-def _random_row_order(case, generator):
-    """Per (batch, query head), each segment's rows shuffled."""
-    order = torch.empty(case.batch, case.q_heads, case.num_queries, dtype=torch.int32)
-    for begin in range(0, case.num_queries, case.segment_size):
-        end = min(begin + case.segment_size, case.num_queries)
-        for b in range(case.batch):
-            for h in range(case.q_heads):
-                order[b, h, begin:end] = torch.randperm(end - begin, generator=generator) + begin
-    return order
-
-
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("order", ["guided", "random"])
-def test_row_order_matches_reference(case, mode, order):
-    q, k, v = make_qkv(case, peaky=True)
-    if order == "guided":
-        row_order = reference.guided_row_order(q, case.segment_size)
-    else:
-        row_order = _random_row_order(case, torch.Generator().manual_seed(1))
-    order_per_kv_head, group_units = MODES[mode]
-    modes = dict(order_per_kv_head=order_per_kv_head, group_units=group_units)
-    _, indices, result = run_pipeline(case, q, k, v, threshold=0.02, row_order=row_order, **modes)
-    assert_matches_reference(
-        case, q, k, v, indices, result, mode=mode, threshold=0.02, row_order=row_order
-    )
-
-
-@pytest.mark.parametrize("case", CPU_CASES[:6], ids=lambda c: c.id)
-def test_row_order_at_threshold_zero_equals_sdpa(case):
-    q, k, v = make_qkv(case)
-    row_order = _random_row_order(case, torch.Generator().manual_seed(2))
-    _, _, (out, _, _) = run_pipeline(case, q, k, v, row_order=row_order)
-    atol, rtol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(out, _sdpa_reference(case, q, k, v), atol=atol, rtol=rtol)
-
-
-def test_identity_row_order_changes_nothing():
-    case = CPU_CASES[1]
-    q, k, v = make_qkv(case, peaky=True)
-    identity = torch.arange(case.num_queries, dtype=torch.int32)
-    identity = identity.expand(case.batch, case.q_heads, -1).contiguous()
-    plain = run_pipeline(case, q, k, v, threshold=0.02)[2]
-    ordered = run_pipeline(case, q, k, v, threshold=0.02, row_order=identity)[2]
-    assert all(torch.equal(a, b) for a, b in zip(plain, ordered, strict=True))
-
-
-def test_row_order_errors():
-    case = CPU_CASES[0]
-    q, k, v = make_qkv(case)
-    good = _random_row_order(case, torch.Generator().manual_seed(3))
-    _, indices, _ = run_pipeline(case, q, k, v)
-    kwargs = dict(segment_size=case.segment_size, block_m=case.block_m, block_n=case.block_n)
-    kwargs.update(threshold=0.0)
-    swapped = good.clone()  # rows 0 and 64 trade places: each leaves its segment
-    swapped[0, 0, [0, 64]] = torch.tensor([64, 0], dtype=torch.int32)
-    repeated = good.clone()
-    repeated[0, 1, 5] = repeated[0, 1, 6]
-    for bad, message in [
-        (good.long(), "row_order must be int32"),
-        (good[:, :2], r"row_order must have shape \[B, Hq, Nq\]"),
-        (swapped, "each segment's rows, each once"),
-        (repeated, "each segment's rows, each once"),
-    ]:
-        with pytest.raises(RuntimeError, match=message):
-            s2o.sparse_attention(q, k, v, indices, row_order=bad, **kwargs)
 
 
 STRUCTURED = Case(1, 8, 2, 4096, 4096, 64, 256, 32, 64)
@@ -261,10 +165,7 @@ def test_early_stopping_on_structured_data():
     _, _, (out, _, counts) = run_pipeline(case, q, k, v, threshold=0.03)
     _, _, (_, _, full) = run_pipeline(case, q, k, v, threshold=0.0)
     dense, _ = reference.dense_attention(q, k, v)
-    layout = SegmentLayout(case.num_queries, case.num_keys, case.segment_size)
-    density = counts.sum().item() / (
-        dense_tiles(layout, case.block_m, case.block_n) * counts.shape[1]
-    )
+    density = counts.sum().item() / (case_plan(case).dense_tiles() * counts.shape[1])
     rel_error = ((out - dense).norm() / dense.norm()).item()
     assert (counts <= full).all()
     assert density < 0.4
@@ -291,10 +192,9 @@ def test_patience_visits_more_and_is_more_accurate():
 def test_patience_matches_reference():
     case = CPU_CASES[0]
     q, k, v = make_qkv(case, peaky=True)
-    _, indices, result = run_pipeline(case, q, k, v, threshold=0.05, patience=2)
-    assert_matches_reference(
-        case, q, k, v, indices, result, mode="kvhead", threshold=0.05, patience=2
-    )
+    plan = case_plan(case, threshold=0.05, patience=2)
+    _, indices, result = plan.run(q, k, v)
+    assert_matches_reference(q, k, v, indices, result, plan)
 
 
 @pytest.mark.parametrize("where", ["key", "query"])
@@ -350,23 +250,15 @@ def _unit_thresholds(batch: int, units: int) -> torch.Tensor:
 def test_unit_threshold_matches_reference(case, mode):
     q, k, v = make_qkv(case, peaky=True)
     order_per_kv_head, group_units = MODES[mode]
-    _, indices, _ = run_pipeline(case, q, k, v, order_per_kv_head=order_per_kv_head)
+    # threshold 0.3 is replaced by every unit head's own entry
+    plan = case_plan(
+        case, order_per_kv_head=order_per_kv_head, group_units=group_units, threshold=0.3
+    )
+    _, indices, _ = plan.run(q, k, v)
     units = case.kv_heads if group_units else case.q_heads
     unit_threshold = _unit_thresholds(case.batch, units)
-    kwargs = dict(
-        segment_size=case.segment_size,
-        q_offset=case.q_offset,
-        is_causal=case.is_causal,
-        order_per_kv_head=order_per_kv_head,
-        group_units=group_units,
-        block_m=case.block_m,
-        block_n=case.block_n,
-        threshold=0.3,  # replaced by every unit head's own entry
-    )
-    out, lse, counts = s2o.sparse_attention(
-        q, k, v, indices, unit_threshold=unit_threshold, **kwargs
-    )
-    ref = reference.sparse_attention(q, k, v, indices, unit_threshold=unit_threshold, **kwargs)
+    out, lse, counts = plan.attend(q, k, v, indices, unit_threshold=unit_threshold)
+    ref = reference.sparse_attention(q, k, v, indices, plan, unit_threshold=unit_threshold)
     skipped = unit_threshold < 0
     assert bool((counts[skipped] == 0).all()) and bool((counts[~skipped] > 0).all())
     assert ref.tile_counts[skipped].sum() == 0
@@ -386,12 +278,12 @@ def test_unit_threshold_matches_reference(case, mode):
 def test_unit_threshold_errors():
     case = CPU_CASES[0]
     q, k, v = make_qkv(case)
-    _, indices, _ = run_pipeline(case, q, k, v)
-    kwargs = dict(segment_size=case.segment_size, block_m=case.block_m, block_n=case.block_n)
+    plan = case_plan(case)
+    _, indices, _ = plan.run(q, k, v)
     for bad, message in (
         (torch.zeros(1, case.q_heads, dtype=torch.float64), "unit_threshold must be float32"),
         (torch.zeros(1, case.q_heads + 1), r"unit_threshold must have shape \[B, unit heads\]"),
         (torch.zeros(case.q_heads), r"unit_threshold must have shape"),
     ):
         with pytest.raises(RuntimeError, match=message):
-            s2o.sparse_attention(q, k, v, indices, threshold=0.0, unit_threshold=bad, **kwargs)
+            plan.attend(q, k, v, indices, unit_threshold=bad)

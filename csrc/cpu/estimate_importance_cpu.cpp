@@ -5,7 +5,8 @@
 //   representative r[d] = (sum over the segment's rows, heads outer and rows inner, of q[d],
 //                          added one by one in fp32) / count
 //   score(j)            = fma chain over d = 0..D-1: acc = fma(r[d], k[j][d], acc), acc0 = 0
-// With variance_weight w > 0 the score gets a second-order term, continuing the same chain:
+// With score_variance > 0 (weight w = score_variance x scale) the score gets a second-order term,
+// continuing the same chain:
 //   variance c[d]       = w * ((fma chain over the rows, same order: acc = fma(e, e, acc) with
 //                          e = q[d] - r[d]) / count)
 //   score(j)           += fma chain over d: acc = fma(c[d], k[j][d] * k[j][d], acc)
@@ -56,11 +57,10 @@ void score_chunk(const float* r, const float* c, const float* kt, int64_t head_d
 template <typename scalar_t>
 void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
                                 const SegmentLayout& layout, bool order_per_kv_head,
-                                float variance_weight, at::Tensor& representatives,
-                                at::Tensor& scores) {
+                                float variance_weight, at::Tensor& scores) {
   const int64_t batch = query.size(0), q_heads = query.size(1), head_dim = query.size(3);
   const int64_t group = q_heads / key.size(1);
-  const int64_t ordering_heads = representatives.size(1), num_segments = layout.num_segments();
+  const int64_t ordering_heads = scores.size(1), num_segments = layout.num_segments();
   const int64_t heads_pooled = order_per_kv_head ? group : 1;
   const int64_t total = layout.total_history();
 
@@ -69,12 +69,11 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
   const int64_t qs0 = query.stride(0), qs1 = query.stride(1), qs2 = query.stride(2),
                 qs3 = query.stride(3);
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2), ks3 = key.stride(3);
-  float* reps = representatives.mutable_data_ptr<float>();
   float* out = scores.mutable_data_ptr<float>();
 
   at::parallel_for(0, batch * ordering_heads * num_segments, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt(head_dim * kKeyChunk);
-    std::vector<float> variance(head_dim);
+    std::vector<float> representative(head_dim), variance(head_dim);
     float chunk_scores[kKeyChunk];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t s = unit % num_segments;
@@ -85,7 +84,7 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
       const int64_t row_begin = s * layout.segment_size;
       const int64_t row_end = std::min(row_begin + layout.segment_size, layout.num_queries);
 
-      float* r = reps + (unit * head_dim);
+      float* r = representative.data();
       std::fill(r, r + head_dim, 0.0f);
       for (int64_t g = 0; g < heads_pooled; ++g) {
         for (int64_t i = row_begin; i < row_end; ++i) {
@@ -126,26 +125,22 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> estimate_importance_cpu(const at::Tensor& query,
-                                                           const at::Tensor& key,
-                                                           int64_t segment_size, int64_t q_offset,
-                                                           bool is_causal, bool order_per_kv_head,
-                                                           double variance_weight) {
+at::Tensor estimate_importance_cpu(const at::Tensor& query, const at::Tensor& key,
+                                   int64_t segment_size, int64_t q_offset, bool is_causal,
+                                   bool order_per_kv_head, double score_variance,
+                                   std::optional<double> scale) {
   check_query_key(query, key, /*allow_fp32=*/true);
-  check_variance_weight(variance_weight);
+  const float weight = variance_weight(score_variance, scale, query.size(3));
   const SegmentLayout layout =
       check_layout(query.size(2), key.size(2), segment_size, q_offset, is_causal);
   const int64_t ordering_heads = order_per_kv_head ? key.size(1) : query.size(1);
-  auto options = query.options().dtype(at::kFloat);
-  at::Tensor representatives =
-      at::empty({query.size(0), ordering_heads, layout.num_segments(), query.size(3)}, options);
-  at::Tensor scores = at::empty({query.size(0), ordering_heads, layout.total_history()}, options);
+  at::Tensor scores = at::empty({query.size(0), ordering_heads, layout.total_history()},
+                                query.options().dtype(at::kFloat));
   S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "estimate_importance", [&] {
     estimate_importance_kernel<scalar_t>(query, key, layout, order_per_kv_head,
-                                         static_cast<float>(variance_weight), representatives,
-                                         scores);
+                                         weight, scores);
   });
-  return {representatives, scores};
+  return scores;
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // CPU kernel of s2o::permute_indices: per segment, its history keys by falling rank key
-// (csrc/include/s2o/ranking.h), ties by lower key index; with rank_head, only the head is ranked
+// (csrc/include/s2o/ranking.h), ties by lower key index; with ranked_keys, only a prefix is ranked
 // and the other keys follow in index order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,32 +17,32 @@ namespace s2o {
 namespace {
 
 // Writes the ranked list of one segment (keys: its history's rank keys) to `list`.
-void rank_list(const std::vector<uint32_t>& keys, int64_t rank_head, std::vector<uint32_t>& sorted,
+void rank_list(const std::vector<uint32_t>& keys, int64_t ranked_keys, std::vector<uint32_t>& sorted,
                int32_t* list) {
   const int64_t history = static_cast<int64_t>(keys.size());
-  // The head: keys at or above the rank_head-th largest key (all keys when the head is the
+  // The prefix: keys at or above the ranked_keys-th largest key (all keys when the prefix is the
   // whole history).
-  uint32_t head_min = 0;
-  if (rank_head > 0 && rank_head < history) {
+  uint32_t prefix_min = 0;
+  if (ranked_keys > 0 && ranked_keys < history) {
     sorted.assign(keys.begin(), keys.end());
-    std::nth_element(sorted.begin(), sorted.begin() + (rank_head - 1), sorted.end(),
+    std::nth_element(sorted.begin(), sorted.begin() + (ranked_keys - 1), sorted.end(),
                      std::greater<uint32_t>());
-    head_min = sorted[rank_head - 1];
+    prefix_min = sorted[ranked_keys - 1];
   }
-  int32_t* head_end = list;
+  int32_t* prefix_end = list;
   for (int64_t j = 0; j < history; ++j)
-    if (keys[j] >= head_min) *head_end++ = static_cast<int32_t>(j);
-  int32_t* tail = head_end;
+    if (keys[j] >= prefix_min) *prefix_end++ = static_cast<int32_t>(j);
+  int32_t* tail = prefix_end;
   for (int64_t j = 0; j < history; ++j)
-    if (keys[j] < head_min) *tail++ = static_cast<int32_t>(j);
-  std::stable_sort(list, head_end, [&](int32_t a, int32_t b) { return keys[a] > keys[b]; });
+    if (keys[j] < prefix_min) *tail++ = static_cast<int32_t>(j);
+  std::stable_sort(list, prefix_end, [&](int32_t a, int32_t b) { return keys[a] > keys[b]; });
 }
 
 at::Tensor permute_indices_cpu(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
                                int64_t segment_size, int64_t q_offset, bool is_causal,
-                               int64_t rank_bits, int64_t rank_head) {
+                               int64_t rank_bits, int64_t ranked_keys) {
   const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
-                                                  q_offset, is_causal, rank_bits, rank_head);
+                                                  q_offset, is_causal, rank_bits, ranked_keys);
   const int64_t total = layout.total_history();
 
   const at::Tensor scores_c = scores.contiguous();
@@ -62,7 +62,7 @@ at::Tensor permute_indices_cpu(const at::Tensor& scores, int64_t num_queries, in
                        const int64_t history = layout.history_length(s);
                        keys.resize(history);
                        for (int64_t j = 0; j < history; ++j) keys[j] = rank_key(in[offset + j], bits);
-                       rank_list(keys, rank_head, sorted, out + offset);
+                       rank_list(keys, ranked_keys, sorted, out + offset);
                      }
                    });
   return indices;

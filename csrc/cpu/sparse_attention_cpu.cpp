@@ -1,7 +1,6 @@
 // CPU kernel of s2o::sparse_attention: the readable specification the CUDA kernel is tested
-// against. One work unit is one query tile of block_m rows of one segment (the next block_m of
-// the segment's rows in order, or in the order row_order lists them: the query permutation), for
-// one query head, or for all G heads of a KV group when group_units (their rows stop together).
+// against. One work unit is one query tile of block_m rows of one segment, for one query head,
+// or for all G heads of a KV group when group_units (their rows stop together).
 // A unit reads the ranked list of its KV head (order_per_kv_head) or of its query head. Per unit:
 //   Pass 1 (causal only): the local keys [segment start, last row's position], densely, in tiles of
 //     block_n keys starting at the segment start, masked by each row's own position.
@@ -189,27 +188,9 @@ void load_tile(UnitState& st, const AttentionShape& shape, const Operand<scalar_
   }
 }
 
-// Each segment's rows of each (batch, query head) appear exactly once in row_order.
-void check_row_order_values(const at::Tensor& row_order, const SegmentLayout& layout) {
-  const int32_t* order = row_order.const_data_ptr<int32_t>();
-  const int64_t lists = row_order.size(0) * row_order.size(1), n = layout.num_queries;
-  std::vector<char> seen(n);
-  for (int64_t list = 0; list < lists; ++list) {
-    std::fill(seen.begin(), seen.end(), 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = order[list * n + i], first = i / layout.segment_size * layout.segment_size;
-      S2O_CHECK(row >= first && row < std::min(first + layout.segment_size, n) && !seen[row],
-                "row_order must order each segment's rows, each once: entry ", i, " of list ",
-                list, " is ", row);
-      seen[row] = 1;
-    }
-  }
-}
-
 template <typename scalar_t>
 void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                             const at::Tensor& indices, const int32_t* row_order,
-                             const float* unit_threshold, const AttentionShape& shape,
+                             const at::Tensor& indices, const float* unit_threshold, const AttentionShape& shape,
                              at::Tensor& out, at::Tensor& lse, at::Tensor& tile_counts) {
   const SegmentLayout& layout = shape.layout;
   const Operand<scalar_t> q(query), k(key), v(value);
@@ -223,7 +204,7 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
 
   at::parallel_for(0, num_units, 1, [&](int64_t begin, int64_t end) {
     UnitState st(rows, D, bn);
-    std::vector<int64_t> key_pos(bn), unit_rows(rows);
+    std::vector<int64_t> key_pos(bn);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t tile = unit % shape.num_q_tiles;
       const int64_t h = (unit / shape.num_q_tiles) % shape.units;
@@ -241,15 +222,12 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
         continue;
       }
 
-      // The unit's rows: unit_rows[r] is the query row of unit row r (head first_head + r / bm),
-      // the tile's rows in order or as row_order lists them; -1 past the end of the queries.
+      // Unit row r is query row row_begin + r % bm of head first_head + r / bm (-1: past the
+      // end of the queries).
       int64_t last_pos = -1;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t head = first_head + r / bm, slot = row_begin + r % bm;
-        const int64_t i = slot >= row_end ? -1
-                          : row_order ? row_order[(b * shape.q_heads + head) * layout.num_queries + slot]
-                                      : slot;
-        unit_rows[r] = i;
+        const int64_t i = slot < row_end ? slot : -1;
         st.pos[r] = i >= 0 ? i + layout.q_offset : -1;
         last_pos = std::max(last_pos, st.pos[r]);
         st.m[r] = kNegInf;
@@ -298,7 +276,7 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
       counts[unit] = tiles;
       for (int64_t r = 0; r < rows; ++r) {
         if (st.pos[r] < 0) continue;
-        const int64_t head = first_head + r / bm, i = unit_rows[r];
+        const int64_t head = first_head + r / bm, i = row_begin + r % bm;
         const int64_t row = (b * shape.q_heads + head) * layout.num_queries + i;
         const float* acc = st.acc.data() + r * D;
         for (int64_t d = 0; d < D; ++d) o[row * D + d] = static_cast<scalar_t>(acc[d] / st.l[r]);
@@ -312,8 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, std::optional<double> scale, const std::optional<at::Tensor>& row_order,
-    const std::optional<at::Tensor>& unit_threshold, std::optional<double> tail_threshold) {
+    int64_t patience, std::optional<double> tail_threshold, std::optional<double> scale,
+    const std::optional<at::Tensor>& unit_threshold) {
   const SparseAttentionArgs args = check_sparse_attention_args(
       query, key, value, indices, segment_size, q_offset, is_causal, order_per_kv_head,
       group_units, block_m, block_n, threshold, patience, tail_threshold, /*allow_fp32=*/true);
@@ -321,12 +299,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
   if (unit_threshold.has_value()) {
     check_unit_threshold(*unit_threshold, query, args.units.units);
     unit_threshold_c = unit_threshold->contiguous();
-  }
-  at::Tensor row_order_c;
-  if (row_order.has_value()) {
-    check_row_order(*row_order, query);
-    row_order_c = row_order->contiguous();
-    check_row_order_values(row_order_c, args.layout);
   }
   AttentionShape shape{args.layout};
   shape.batch = query.size(0);
@@ -355,7 +327,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
   S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "sparse_attention", [&] {
     sparse_attention_kernel<scalar_t>(
         query, key, value, indices_c,
-        row_order_c.defined() ? row_order_c.const_data_ptr<int32_t>() : nullptr,
         unit_threshold_c.defined() ? unit_threshold_c.const_data_ptr<float>() : nullptr, shape,
         out, lse, tile_counts);
   });

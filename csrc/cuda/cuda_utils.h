@@ -25,10 +25,14 @@ inline void check_cuda_tensor(const at::Tensor& t, const char* name) {
   S2O_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
 }
 
-// The head dims the CUDA kernels are built for (see cuda_dispatch.h).
+// The head dims the CUDA kernels are built for (kCudaHeadDims; cuda_dispatch.h instantiates them).
+static_assert(sizeof(kCudaHeadDims) / sizeof(kCudaHeadDims[0]) == 2 && kCudaHeadDims[0] == 64 &&
+                  kCudaHeadDims[1] == 128,
+              "S2O_DISPATCH_HEAD_DIM instantiates head dims 64 and 128");
 inline void check_cuda_head_dim(int64_t head_dim) {
-  S2O_CHECK(head_dim == 64 || head_dim == 128, "query head dim must be 64 or 128 on CUDA, got ",
-              head_dim);
+  S2O_CHECK(head_dim == kCudaHeadDims[0] || head_dim == kCudaHeadDims[1],
+            "query head dim must be ", kCudaHeadDims[0], " or ", kCudaHeadDims[1],
+            " on CUDA, got ", head_dim);
 }
 
 }  // namespace s2o

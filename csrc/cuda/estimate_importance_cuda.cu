@@ -12,13 +12,12 @@
 namespace s2o {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& query_in,
-                                                            const at::Tensor& key_in,
-                                                            int64_t segment_size, int64_t q_offset,
-                                                            bool is_causal, bool order_per_kv_head,
-                                                            double variance_weight) {
+at::Tensor estimate_importance_cuda(const at::Tensor& query_in, const at::Tensor& key_in,
+                                    int64_t segment_size, int64_t q_offset, bool is_causal,
+                                    bool order_per_kv_head, double score_variance,
+                                    std::optional<double> scale) {
   check_query_key(query_in, key_in, /*allow_fp32=*/false);
-  check_variance_weight(variance_weight);
+  const float weight = variance_weight(score_variance, scale, query_in.size(3));
   check_cuda_tensor(query_in, "query");
   check_cuda_head_dim(query_in.size(3));
   const SegmentLayout layout =
@@ -41,12 +40,13 @@ std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& qu
   p.k_strides = strides_of(key);
 
   auto options = query.options().dtype(at::kFloat);
+  // The segments' representatives: scratch between the two kernels.
   at::Tensor representatives =
       at::empty({p.batch, p.ordering_heads, layout.num_segments(), p.head_dim}, options);
   at::Tensor scores = at::empty({p.batch, p.ordering_heads, layout.total_history()}, options);
   p.representatives = representatives.mutable_data_ptr<float>();
   p.scores = scores.mutable_data_ptr<float>();
-  p.variance_weight = float(variance_weight);
+  p.variance_weight = weight;
   at::Tensor variances;  // the weighted variances, scratch of the second scoring pass
   if (p.variance_weight > 0.0f) {
     variances = at::empty_like(representatives);
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> estimate_importance_cuda(const at::Tensor& qu
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {representatives, scores};
+  return scores;
 }
 
 }  // namespace

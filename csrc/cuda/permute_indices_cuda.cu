@@ -50,33 +50,35 @@ void rank_segments(const at::Tensor& scores, const SegmentLayout& layout, int ra
 }
 
 void counting_rank(const at::Tensor& scores, const SegmentLayout& layout, int rank_bits,
-                   int64_t rank_head, at::Tensor& indices) {
+                   int64_t ranked_keys, at::Tensor& indices) {
   using C = CountingRank;
   C10_CUDA_CHECK(cudaFuncSetAttribute(counting_rank_kernel,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
   const dim3 grid(unsigned(scores.size(0) * scores.size(1)), unsigned(layout.num_segments()));
   counting_rank_kernel<<<grid, C::kThreads, C::kSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(
-      scores.const_data_ptr<float>(), layout, rank_bits, rank_head,
+      scores.const_data_ptr<float>(), layout, rank_bits, ranked_keys,
       indices.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor permute_indices_cuda(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
                                 int64_t segment_size, int64_t q_offset, bool is_causal,
-                                int64_t rank_bits, int64_t rank_head) {
+                                int64_t rank_bits, int64_t ranked_keys) {
   const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
-                                                  q_offset, is_causal, rank_bits, rank_head);
+                                                  q_offset, is_causal, rank_bits, ranked_keys);
   const bool counting = rank_bits <= CountingRank::kBits;
-  S2O_CHECK(counting || rank_head == 0, "permute_indices on CUDA ranks only a head (rank_head=",
-            rank_head, ") with rank_bits <= 12, got rank_bits=", rank_bits);
+  S2O_CHECK(counting || ranked_keys == 0, "permute_indices on CUDA ranks only a prefix (ranked_keys=",
+            ranked_keys, ") with rank_bits <= ", kCountingRankBits, ", got rank_bits=", rank_bits);
   if (counting) {
     S2O_CHECK(layout.num_segments() <= 65535, "permute_indices on CUDA ranks at most 65535 "
                 "segments per list, got ", layout.num_segments(), " (use a larger segment_size)");
   } else {  // CUB's segmented sort takes int offsets
-    S2O_CHECK(scores.numel() < (int64_t(1) << 31), "permute_indices with rank_bits > 12 sorts at "
-                "most 2^31 - 1 keys in one call, got ", scores.numel(), " (rank fewer heads at a time)");
-    S2O_CHECK(scores.size(0) * scores.size(1) <= 65535, "permute_indices with rank_bits > 12 ranks "
-                "at most 65535 (batch x heads) lists in one call, got ", scores.size(0) * scores.size(1));
+    S2O_CHECK(scores.numel() < (int64_t(1) << 31), "permute_indices with rank_bits > ",
+              kCountingRankBits, " sorts at most 2^31 - 1 keys in one call, got ", scores.numel(),
+              " (rank fewer heads at a time)");
+    S2O_CHECK(scores.size(0) * scores.size(1) <= 65535, "permute_indices with rank_bits > ",
+              kCountingRankBits, " ranks at most 65535 (batch x heads) lists in one call, got ",
+              scores.size(0) * scores.size(1));
   }
 
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -84,7 +86,7 @@ at::Tensor permute_indices_cuda(const at::Tensor& scores, int64_t num_queries, i
   at::Tensor indices = at::empty(scores.sizes(), scores.options().dtype(at::kInt));
   if (scores.numel() == 0) return indices;
   if (counting) {
-    counting_rank(scores_c, layout, int(rank_bits), rank_head, indices);
+    counting_rank(scores_c, layout, int(rank_bits), ranked_keys, indices);
   } else if (rank_bits <= 16) {  // 16-bit sort keys: half the key traffic, at most two passes
     rank_segments<uint16_t>(scores_c, layout, int(rank_bits), indices);
   } else {

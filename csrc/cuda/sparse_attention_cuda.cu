@@ -50,14 +50,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
     const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
     const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
     bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, std::optional<double> scale, const std::optional<at::Tensor>& row_order,
-    const std::optional<at::Tensor>& unit_threshold, std::optional<double> tail_threshold) {
+    int64_t patience, std::optional<double> tail_threshold, std::optional<double> scale,
+    const std::optional<at::Tensor>& unit_threshold) {
   const SparseAttentionArgs args = check_sparse_attention_args(
       query_in, key_in, value_in, indices, segment_size, q_offset, is_causal, order_per_kv_head,
       group_units, block_m, block_n, threshold, patience, tail_threshold, /*allow_fp32=*/false);
   check_cuda_tensor(query_in, "query");
-  S2O_CHECK(!row_order.has_value(), "sparse_attention: row_order (query permutation) is only "
-            "implemented on the CPU");
   check_cuda_head_dim(query_in.size(3));
   S2O_CHECK(block_n == kCudaBlockN, "the CUDA kernel takes block_n=", kCudaBlockN, ", got ",
             block_n);

@@ -54,13 +54,4 @@ struct SegmentLayout {
 // Number of tiles of `tile` elements covering n elements.
 S2O_HOST_DEVICE int64_t ceil_div(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
-// Key tiles a dense causal (or full, when not causal) kernel with key tiles of block_n visits for
-// the query rows [row_begin, row_end): the denominator of density.
-S2O_HOST_DEVICE int64_t dense_tiles(const SegmentLayout& layout, int64_t row_end, int64_t block_n) {
-  if (!layout.is_causal) return ceil_div(layout.num_keys, block_n);
-  const int64_t last_pos = row_end - 1 + layout.q_offset;
-  const int64_t keys = last_pos + 1 < layout.num_keys ? last_pos + 1 : layout.num_keys;
-  return ceil_div(keys, block_n);
-}
-
 }  // namespace s2o

@@ -5,14 +5,9 @@
 #include <cstdint>
 
 #include "s2o/layout.h"
+#include "s2o/limits.h"
 
 namespace s2o {
-
-// Keys per tile of the CUDA sparse attention kernel (the op's block_n must equal it on CUDA).
-constexpr int kCudaBlockN = 64;
-// Most query rows one CUDA work unit may have (unit heads x block_m), padded to 64 or 128 rows per
-// thread block. s2o/config.py's UNIT_ROWS picks block_m so that units fill it.
-constexpr int kCudaMaxUnitRows = 128;
 
 struct TensorStrides {  // of a [B, H, N, D] tensor
   int64_t batch, head, row;

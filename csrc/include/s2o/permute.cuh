@@ -4,7 +4,7 @@
 // kernel's std::stable_sort. Two implementations:
 // - rank_bits <= 12 (the default 12): a one-block-per-segment stable counting sort
 //   (counting_rank_kernel), two reads of the scores and one write of the indices; it also ranks
-//   only a head (rank_head > 0);
+//   only a prefix (ranked_keys > 0);
 // - more bits: a stable segmented radix sort of (inverted rank key, key index) pairs (CUB).
 #pragma once
 
@@ -47,16 +47,16 @@ __global__ void build_sort_keys_kernel(const float* scores, SegmentLayout layout
 // run from the highest rank key down, warps own increasing index ranges and each warp walks its
 // range in order, so the result is the stable order.
 //
-// With rank_head, only the bins holding the rank_head best keys (the head) are placed that way;
-// the other keys (the tail) follow the head in index order: each warp writes its tail keys
-// contiguously, from its own start after the head and the lower warps' tails.
+// With ranked_keys, only the bins holding the ranked_keys best keys (the prefix) are placed that way;
+// the other keys (the tail) follow the prefix in index order: each warp writes its tail keys
+// contiguously, from its own start after the prefix and the lower warps' tails.
 //
 // Both passes keep two batches of scores in flight per lane (the next one loads while this one is
-// processed). Pass 2 writes the batch's tail keys at once (coalesced), stages its head keys in
+// processed). Pass 2 writes the batch's tail keys at once (coalesced), stages its prefix keys in
 // shared memory in index order, then ranks them 32 at a time: one match, one shared atomic claim
 // per group of equal bins, one scattered write per key.
 struct CountingRank {
-  static constexpr int kBits = 12;
+  static constexpr int kBits = kCountingRankBits;
   static constexpr int kBins = 1 << kBits;
   static constexpr int kWarps = 4;  // 64 KiB of counters: three blocks per SM
   static constexpr int kThreads = kWarps * 32;
@@ -69,7 +69,7 @@ struct CountingRank {
   static constexpr int kRunBins = kRun / kWarps;
   // Shared memory, in words: the counters (padded); per warp its total in the scan and its tail
   // size; one scratch word per thread, the target of the shared atomics of lanes with nothing to
-  // claim (so every atomic is issued by the whole warp without a branch); per warp the staged head
+  // claim (so every atomic is issued by the whole warp without a branch); per warp the staged prefix
   // keys of a batch, (bin << kOffsetBits) | offset in the batch.
   static constexpr int kOffsetBits = 9;
   static constexpr int kWarpTotalsOffset = kCounters + kCounters / kRun;
@@ -103,7 +103,7 @@ __device__ __forceinline__ uint32_t block_sum(uint32_t v, uint32_t* partials) {
 
 __global__ void __launch_bounds__(CountingRank::kThreads)
     counting_rank_kernel(const float* scores, SegmentLayout layout, int rank_bits,
-                         int64_t rank_head, int32_t* indices) {
+                         int64_t ranked_keys, int32_t* indices) {
   using C = CountingRank;
   constexpr int kStride = C::kStride;
   extern __shared__ uint32_t counters[];
@@ -180,25 +180,25 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
   }
   __syncthreads();
 
-  // The head: bins below head_end, the bins that start before the rank_head-th position (so they
-  // hold the rank_head best keys and all keys tied with the last of them). A bin starts at its
+  // The prefix: bins below prefix_end, the bins that start before the ranked_keys-th position (so they
+  // hold the ranked_keys best keys and all keys tied with the last of them). A bin starts at its
   // warp-0 counter.
-  int head_end = C::kBins;
+  int prefix_end = C::kBins;
   uint32_t tail_begin = uint32_t(history);  // this warp's first tail position
-  if (rank_head > 0 && rank_head < history) {
+  if (ranked_keys > 0 && ranked_keys < history) {
     uint32_t starting_before = 0;
-    for (int i = 0; i < C::kRunBins; ++i) starting_before += run[i * C::kWarps] < rank_head;
-    head_end = int(block_sum(starting_before, warp_totals));
-    const uint32_t head_size = head_end < C::kBins ? counters[C::slot(head_end, 0)] : history;
-    // Tail keys per warp: the counts of the bins from head_end on, from consecutive positions.
+    for (int i = 0; i < C::kRunBins; ++i) starting_before += run[i * C::kWarps] < ranked_keys;
+    prefix_end = int(block_sum(starting_before, warp_totals));
+    const uint32_t prefix_size = prefix_end < C::kBins ? counters[C::slot(prefix_end, 0)] : history;
+    // Tail keys per warp: the counts of the bins from prefix_end on, from consecutive positions.
     const uint32_t next_run = tid + 1 < C::kThreads ? run[C::kRun + 1] : uint32_t(history);
     uint32_t tails[C::kWarps] = {};
     const int first_bin = tid * C::kRunBins;
     for (int i = 0; i < C::kRun; ++i) {
       const uint32_t count = (i + 1 < C::kRun ? run[i + 1] : next_run) - run[i];
-      if (first_bin + i / C::kWarps >= head_end) tails[i % C::kWarps] += count;
+      if (first_bin + i / C::kWarps >= prefix_end) tails[i % C::kWarps] += count;
     }
-    tail_begin = head_size;
+    tail_begin = prefix_size;
     for (int w = 0; w < C::kWarps; ++w) {
       const uint32_t tail = block_sum(tails[w], warp_totals);
       if (w < warp) tail_begin += tail;
@@ -217,15 +217,15 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
     for (int b = 0; b < C::kBatch; ++b) {
       const bool in_range = b * 32 < room;
       const int bin = bin_of(x[b]);
-      const bool head = in_range && bin < head_end, tail = in_range && bin >= head_end;
-      const unsigned head_lanes = __ballot_sync(0xFFFFFFFFu, head);
+      const bool in_prefix = in_range && bin < prefix_end, tail = in_range && bin >= prefix_end;
+      const unsigned prefix_lanes = __ballot_sync(0xFFFFFFFFu, in_prefix);
       const unsigned tail_lanes = __ballot_sync(0xFFFFFFFFu, tail);
-      if (head)
-        stage[staged + __popc(head_lanes & lanes_below)] =
+      if (in_prefix)
+        stage[staged + __popc(prefix_lanes & lanes_below)] =
             (uint32_t(bin) << C::kOffsetBits) | uint32_t(b * 32 + lane);
       if (tail)
         seg_indices[tail_begin + __popc(tail_lanes & lanes_below)] = int32_t(j0 + b * 32 + lane);
-      staged += __popc(head_lanes);
+      staged += __popc(prefix_lanes);
       tail_begin += __popc(tail_lanes);
     }
     __syncwarp();

@@ -11,10 +11,9 @@
 #include <cstring>
 
 #include "s2o/layout.h"
+#include "s2o/limits.h"
 
 namespace s2o {
-
-constexpr int kMaxRankBits = 32;
 
 S2O_HOST_DEVICE uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
