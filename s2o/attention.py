@@ -226,10 +226,15 @@ def attention(
         # Same contract as SDPA: differing head counts need enable_gqa; SDPA raises its own error.
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
-        # Zero heads, rows or head dim: SDPA's (empty or degenerate) result, nothing to sparsify.
-        out = _sdpa(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-        )
+        # Zero heads, rows or head dim: nothing to sparsify. An empty output is made here (SDPA
+        # itself divides by zero on zero heads with enable_gqa in some builds); otherwise (no
+        # keys) SDPA's result.
+        out_shape = (*query.shape[:-1], value.shape[-1])
+        if math.prod(out_shape) == 0:
+            out = query.new_empty(out_shape)
+        else:
+            out = _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                        enable_gqa=enable_gqa)  # fmt: skip
         return (out, S2OStats(path="dense", fallback_reason="empty")) if return_stats else out
     if scale is not None and scale < 0:
         # softmax(scale * q.k) = softmax(|scale| * (-q).k): the ranking and the variance term

@@ -264,10 +264,9 @@ def test_empty_inputs_return_sdpa_s_empty_result(shapes):
     q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
     out, stats = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=SPARSE,
                                return_stats=True)  # fmt: skip
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=True
-    )
-    assert out.shape == expected.shape and stats.fallback_reason == "empty"
+    # SDPA's output shape (SDPA itself is not called here: some builds divide by zero on zero
+    # heads with enable_gqa).
+    assert out.shape == (*q_shape[:-1], kv_shape[-1]) and stats.fallback_reason == "empty"
 
 
 CONFIG_CASES = {
