@@ -11,9 +11,9 @@ relative L2, the worst head's relative L2 and the worst block of 128 rows, all h
 the share of s2o's time in estimate + permute and in the error check, s2o's own error estimate
 (est_err), the heads it recomputed, and peak extra GPU memory (beyond q, k, v and the output).
 
-    python benchmarks/attention_speed.py --out results/speed
-    python benchmarks/attention_speed.py --lengths 32768 --data structured --methods cudnn s2o
-    python benchmarks/attention_speed.py --lengths 131072 --s2o-variants ordering=kv_head
+    python -m benchmarks.attention_speed --out results/speed
+    python -m benchmarks.attention_speed --lengths 32768 --data structured --methods cudnn s2o
+    python -m benchmarks.attention_speed --lengths 131072 --s2o-variants ordering=kv_head
 """
 
 from __future__ import annotations
@@ -23,26 +23,24 @@ import contextlib
 import dataclasses
 import math
 import os
-import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import s2o  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    at_threshold,
+import s2o
+from benchmarks.common import (
+    benchmark_config,
+    dense_reference,
+    median_ms,
     parse_config_overrides,
     print_header,
     run_header,
     write_csv,
     write_json,
 )
-from s2o import S2OConfig, data  # noqa: E402
+from s2o import S2OConfig, data
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 METHODS = ("flash", "cudnn", "flex", "s2o-exact", "s2o", "s2o-exact-sm80", "s2o-sm80")
@@ -67,18 +65,6 @@ def make_inputs(kind: str, n: int, seed: int = 0):
     k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
     v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
     return q, k, v
-
-
-def reference(q, k, v) -> torch.Tensor:
-    """fp32 causal attention of every row (SDPA's memory-efficient kernel): [1, Hq, N, D]."""
-    group = Q_HEADS // KV_HEADS
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        return F.scaled_dot_product_attention(
-            q.float(),
-            k.float().repeat_interleave(group, dim=1),
-            v.float().repeat_interleave(group, dim=1),
-            is_causal=True,
-        )
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -187,20 +173,6 @@ def method_fn(name: str, n: int, config: S2OConfig):
     return lambda q, k, v: s2o_attention(name, config, q, k, v)
 
 
-def time_ms(fn, args, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn(*args)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def peak_extra_bytes(fn, args) -> int:
     """Peak memory of one call beyond what was allocated before it and its output."""
     torch.cuda.synchronize()
@@ -213,25 +185,12 @@ def peak_extra_bytes(fn, args) -> int:
     return max(0, extra)
 
 
-def benchmark_config(threshold: float | None = None, ranked_keys: int | None = None) -> S2OConfig:
-    """The defaults (or another threshold, the tail threshold in proportion, or ranked_keys), on
-    every length (min_keys would send short ones to SDPA). Not strict, so that heads over the
-    error budget are recomputed as in a user's call (strict mode would raise); run() checks that
-    every s2o row took the sparse path: a fallback must never be measured as s2o."""
-    config = S2OConfig(min_keys=0)
-    if threshold is not None:
-        config = dataclasses.replace(config, **at_threshold(threshold))
-    if ranked_keys is not None:
-        config = dataclasses.replace(config, ranked_keys=ranked_keys)
-    return config
-
-
 def run(args, config: S2OConfig) -> list[dict]:
     rows_out = []
     for kind in args.data:
         for n in args.lengths:
             q, k, v = make_inputs(kind, n)
-            ref = reference(q, k, v)
+            ref = dense_reference(q, k, v)
             repeats = args.repeats or max(3, min(20, 163840 // n))  # 20 at 8K ... 3 at 128K
             for name in args.methods + [f"s2o[{spec}]" for spec in args.s2o_variants]:
                 if name == "flex" and n > args.flex_max:
@@ -244,7 +203,7 @@ def run(args, config: S2OConfig) -> list[dict]:
                     raise SystemExit(
                         f"{name} at {n} ({kind}): relative error {error['rel_err']:.3g} vs fp32"
                     )
-                ms = time_ms(fn, (q, k, v), warmup=2, repeats=repeats)
+                ms = median_ms(fn, (q, k, v), warmup=2, repeats=repeats, device="cuda")
                 row = dict(
                     data=kind,
                     length=n,
@@ -345,7 +304,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("results/speed"))
     args = parser.parse_args()
-    config = benchmark_config(args.threshold, args.ranked_keys)
+    # Not strict: heads over the error budget are recomputed as in a user's call; run() checks
+    # that every s2o row took the sparse path.
+    ranked = {} if args.ranked_keys is None else {"ranked_keys": args.ranked_keys}
+    config = benchmark_config(args.threshold, **ranked)
     header = run_header("cuda")
     header["config"] = str(config)
     print_header(header)

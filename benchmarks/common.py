@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the run header, result files and the texts."""
+"""Helpers shared by the benchmarks: the config they run, the dense reference, the timer, the run
+header, result files and the texts."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +33,24 @@ def at_threshold(threshold: float) -> dict:
         "threshold": threshold,
         "tail_threshold": threshold * default.tail_threshold / default.threshold,
     }
+
+
+def benchmark_config(
+    threshold: float | None = None, *, sparse_pass_only: bool = False, **overrides
+):
+    """The S2OConfig a benchmark runs: the defaults on every length (``min_keys=0``: the package
+    default sends short sequences to dense SDPA), at ``threshold`` with the tail threshold in
+    proportion (at_threshold) when given, then ``overrides``.
+
+    ``sparse_pass_only``: strict and without the error budget, so that the numbers are those of
+    the sparse pass itself and a fallback raises. Otherwise not strict, so that heads over the
+    budget are recomputed as in a user's call; the caller then checks that no call fell back (a
+    fallback must never be measured as s2o)."""
+    from s2o import S2OConfig
+
+    strict = {"strict": True, "error_budget": None} if sparse_pass_only else {}
+    operating_point = at_threshold(threshold) if threshold is not None else {}
+    return S2OConfig(**{"min_keys": 0, **strict, **operating_point, **overrides})
 
 
 def parse_config_overrides(spec: str) -> dict:
@@ -149,3 +172,63 @@ def benchmark_texts(kinds: list[str], text_file: str | None = None) -> dict[str,
     if text_file:
         return {"file": (Path(text_file).read_text(), f"file {text_file}")}
     return {kind: (texts.load_text(kind), texts.text_source(kind)) for kind in kinds}
+
+
+def dense_reference(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """fp32 causal attention of every row, the yardstick of the benchmarks' errors: SDPA's
+    memory-efficient kernel on a GPU (no N x N buffer), its math kernel on the CPU; GQA by head
+    groups. [B, Hq, N, D]."""
+    group = q.shape[1] // k.shape[1]
+    backend = SDPBackend.EFFICIENT_ATTENTION if q.is_cuda else SDPBackend.MATH
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(
+            q.float(),
+            k.float().repeat_interleave(group, dim=1),
+            v.float().repeat_interleave(group, dim=1),
+            is_causal=True,
+            scale=scale,
+        )
+
+
+class Interval:
+    """One timed interval: CUDA events on a GPU (no synchronisation until read), wall clock on
+    the CPU."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self.cuda:
+            self.start_event.record()
+        else:
+            self.start_time = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end_event.record()
+        else:
+            self.end_time = time.perf_counter()
+
+    def ms(self) -> float:
+        """Elapsed milliseconds (synchronises with the end event)."""
+        if self.cuda:
+            self.end_event.synchronize()
+            return self.start_event.elapsed_time(self.end_event)
+        return (self.end_time - self.start_time) * 1e3
+
+
+def median_ms(fn, args, *, warmup: int, repeats: int, device: torch.device | str) -> float:
+    """Median milliseconds of ``fn(*args)`` over ``repeats`` timed calls after ``warmup``."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeats):
+        interval = Interval(device)
+        interval.start()
+        fn(*args)
+        interval.stop()
+        times.append(interval.ms())
+    return statistics.median(times)

@@ -30,10 +30,10 @@ Memory: 8B in bf16 is 16 GB; a 128K prefill adds the KV cache (16 GB) and transi
 row, so 128K fits an H200's 141 GB. The ``peak_gb`` column reports it.
 
 Usage:
-    python benchmarks/e2e_prefill.py --out results/e2e_prefill          # 32K, 64K, 128K on a GPU
-    python benchmarks/e2e_prefill.py --lengths 131072 --repeats 3       # one length per call
-    python benchmarks/e2e_prefill.py --model /path/to/Llama-3.1-8B      # a real checkpoint
-    python benchmarks/e2e_prefill.py --dry-run                          # tiny model on CPU
+    python -m benchmarks.e2e_prefill --out results/e2e_prefill          # 32K, 64K, 128K on a GPU
+    python -m benchmarks.e2e_prefill --lengths 131072 --repeats 3       # one length per call
+    python -m benchmarks.e2e_prefill --model /path/to/Llama-3.1-8B      # a real checkpoint
+    python -m benchmarks.e2e_prefill --dry-run                          # tiny model on CPU
 
 One 128K forward takes tens of seconds per backend: split the lengths over several calls when
 each call has a time limit.
@@ -49,8 +49,6 @@ import inspect
 import json
 import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -58,13 +56,10 @@ import torch.nn.functional as F
 import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from transformers.masking_utils import AttentionMaskInterface
 
 import s2o
-from benchmarks.common import at_threshold, git_revision  # noqa: E402
+from benchmarks.common import Interval, benchmark_config, git_revision
 from s2o import S2OConfig
 from s2o.data import structured_qkv
 from s2o.integrations import transformers as s2o_hf
@@ -123,35 +118,6 @@ IMPLEMENTATION = "s2o_bench"
 
 # ---------------------------------------------------------------------------------------------
 # Timing
-
-
-class Interval:
-    """One timed interval: CUDA events on a GPU, wall clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.end_event = torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        if self.cuda:
-            self.start_event.record()
-        else:
-            self.start_time = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.end_event.record()
-        else:
-            self.end_time = time.perf_counter()
-
-    def ms(self) -> float:
-        """Elapsed milliseconds (synchronises with the end event)."""
-        if self.cuda:
-            self.end_event.synchronize()
-            return self.start_event.elapsed_time(self.end_event)
-        return (self.end_time - self.start_time) * 1e3
 
 
 def _sync(device: torch.device) -> None:
@@ -521,15 +487,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def s2o_config(args) -> S2OConfig:
-    # Not strict, so that heads over the error budget are recomputed as in a user's call
-    # (strict mode would raise); model_density checks that no call fell back to dense SDPA.
-    # min_keys=0: the sparse path at every length, also the correctness check's.
-    config = S2OConfig(min_keys=0)
-    if args.threshold is not None:
-        config = dataclasses.replace(config, **at_threshold(args.threshold))
-    if args.tiny:
-        config = dataclasses.replace(config, min_keys=1, segment_size=64)
-    return config
+    # Not strict (heads over the error budget are recomputed as in a user's call); model_density
+    # checks that no call fell back to dense SDPA.
+    tiny = dict(min_keys=1, segment_size=64) if args.tiny else {}
+    return benchmark_config(args.threshold, **tiny)
 
 
 def main(argv=None) -> list[dict]:

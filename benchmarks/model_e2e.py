@@ -25,9 +25,9 @@ Tasks (``--tasks``, all by default):
 
 copy, recall and long use the first text of ``--texts`` (prose by default) or ``--text-file``.
 
-    python benchmarks/model_e2e.py                            # 2K, 4K, 8K; 16K beyond
-    python benchmarks/model_e2e.py --tasks long --long-lengths 16384 32768
-    python benchmarks/model_e2e.py --text-file my.txt --lengths 4096 --config threshold=0.005
+    python -m benchmarks.model_e2e                            # 2K, 4K, 8K; 16K beyond
+    python -m benchmarks.model_e2e --tasks long --long-lengths 16384 32768
+    python -m benchmarks.model_e2e --text-file my.txt --lengths 4096 --config threshold=0.005
 
 s2o runs with ``S2OConfig(min_keys=0)`` (the package default sends sequences under 16K keys to
 dense SDPA) plus the ``--config`` overrides. Results go to ``--out`` (default
@@ -41,18 +41,16 @@ import gc
 import math
 import random
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import s2o  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+import s2o
+from benchmarks.common import (
     REPO_ROOT,
+    benchmark_config,
     benchmark_texts,
     markdown_table,
     parse_config_overrides,
@@ -61,8 +59,8 @@ from benchmarks.common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from s2o import models, texts  # noqa: E402
-from s2o.integrations.transformers import record_stats  # noqa: E402
+from s2o import models, texts
+from s2o.integrations.transformers import record_stats
 
 TASKS = ("lm", "copy", "recall", "long")
 TRAINED_CONTEXT = models.SMOLLM2_TRAINED_CONTEXT
@@ -97,7 +95,7 @@ def log(message: str) -> None:
 
 
 def s2o_config(overrides: dict) -> s2o.S2OConfig:
-    return s2o.S2OConfig(**{"min_keys": 0, **overrides})
+    return benchmark_config(**overrides)
 
 
 @torch.no_grad()

@@ -9,10 +9,10 @@ heads first), per-layer density and error with per-layer ratios against the orac
 baselines, and a layer x head heat map of error and density. Errors are relative L2 over all
 rows of a head (or layer) against fp32 dense attention.
 
-    python benchmarks/model_heads.py                                 # 2K, 4K, 8K; three texts
-    python benchmarks/model_heads.py --lengths 32768 --texts prose --rope-scaling 4 \\
+    python -m benchmarks.model_heads                                 # 2K, 4K, 8K; three texts
+    python -m benchmarks.model_heads --lengths 32768 --texts prose --rope-scaling 4 \\
         --layers 3 14 18 19 23 26                                    # beyond the trained context
-    python benchmarks/model_heads.py --text-file my.txt --lengths 4096
+    python -m benchmarks.model_heads --text-file my.txt --lengths 4096
 
 Results go to ``--out`` (default results/model_heads/), one folder per text and length with
 ``heads.csv``, ``layers.csv``, ``heatmap.png`` and quality.py's curve and ratio files, and
@@ -29,10 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import baselines, quality  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from benchmarks import baselines, quality
+from benchmarks.common import (
     REPO_ROOT,
     benchmark_texts,
     markdown_table,
@@ -41,13 +39,17 @@ from benchmarks.common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from s2o import models, texts  # noqa: E402
-from s2o.capture import capture_attention  # noqa: E402
+from benchmarks.inputs import Inputs
+from benchmarks.matching import BOUND_SIGNS, ORACLE, compare_curves, geomean
+from benchmarks.plots import pyplot
+from benchmarks.s2o_curve import DEFAULT_THRESHOLD
+from s2o import models, texts
+from s2o.capture import capture_attention
 
 BUDGET_LINES = (0.05, 0.10)  # error levels counted in the summaries
 
 
-def captured_inputs(model, tokenizer, text: str, name: str, length: int, layers) -> quality.Inputs:
+def captured_inputs(model, tokenizer, text: str, name: str, length: int, layers) -> Inputs:
     """The model's post-RoPE Q/K/V of ``layers`` on the first ``length`` tokens of ``text``,
     layers stacked as heads (head_kinds: ``layer<L>``)."""
     ids = texts.text_input_ids(tokenizer, text, length, name=name)
@@ -59,7 +61,7 @@ def captured_inputs(model, tokenizer, text: str, name: str, length: int, layers)
     q, k, v = (torch.cat([getattr(c, t) for c in parts], dim=1) for t in ("query", "key", "value"))
     kinds = [f"layer{c.layer}" for c in parts for _ in range(c.query.shape[1])]
     inputs_name = f"SmolLM2-135M {name} N={length}"
-    return quality.Inputs(inputs_name, q.contiguous(), k.contiguous(), v.contiguous(), scales.pop(),
+    return Inputs(inputs_name, q.contiguous(), k.contiguous(), v.contiguous(), scales.pop(),
                           kinds)  # fmt: skip
 
 
@@ -119,14 +121,14 @@ def layer_rows(inputs, result, default_threshold: float) -> tuple[list[dict], di
             name: _layer_points(pts, heads, result.head_reference_sq, numel)
             for name, pts in others.items()
         }
-        ratios = quality.compare_curves(mine, theirs)
+        ratios = compare_curves(mine, theirs)
         at = next(p for p in mine if p.value == default_threshold)
         row = {"layer": int(kind.removeprefix("layer")), "density": at.density, "rel_l2": at.rel_l2}
         for r in ratios:
             if r["threshold"] != default_threshold:
                 continue
-            if r["baseline"] in (quality.ORACLE, "best", "best-published"):
-                sign = quality._BOUND_SIGNS
+            if r["baseline"] in (ORACLE, "best", "best-published"):
+                sign = BOUND_SIGNS
                 row[f"{r['baseline']} mse_ratio"] = f"{sign[r['error_match']]}{r['mse_ratio']:.3g}"
                 row[f"{r['baseline']} density_ratio"] = (
                     f"{sign[r['density_match']]}{r['density_ratio']:.3g}"
@@ -135,8 +137,8 @@ def layer_rows(inputs, result, default_threshold: float) -> tuple[list[dict], di
                 row[f"_{r['baseline']}_mse"] = r["mse_ratio"]
         rows.append(row)
     geomeans = {
-        f"{name} {what}_ratio": quality._geomean([r.get(f"_{name}_{what}", math.nan) for r in rows])
-        for name in (quality.ORACLE, "best", "best-published")
+        f"{name} {what}_ratio": geomean([r.get(f"_{name}_{what}", math.nan) for r in rows])
+        for name in (ORACLE, "best", "best-published")
         for what in ("mse", "density")
     }
     for r in rows:
@@ -163,7 +165,7 @@ def error_summary(rows: list[dict]) -> dict:
 
 
 def plot_heatmap(rows: list[dict], path: Path, title: str) -> None:
-    plt = quality._pyplot()
+    plt = pyplot()
     layers = sorted({r["layer"] for r in rows})
     heads = max(r["head"] for r in rows) + 1
     error = torch.full((len(layers), heads), math.nan)
@@ -210,7 +212,7 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-elements", type=int, default=1 << 25)
     parser.add_argument("--out", default=None, help="default results/model_heads")
     args = parser.parse_args(argv)
-    args.thresholds = sorted(set(args.thresholds) | {quality.DEFAULT_THRESHOLD})
+    args.thresholds = sorted(set(args.thresholds) | {DEFAULT_THRESHOLD})
     args.out = Path(args.out) if args.out else REPO_ROOT / "results" / "model_heads"
     return args
 
@@ -239,9 +241,9 @@ def main(argv=None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             result = quality.run_length(inputs, args, run_dir)
             mass = _mass_shares(inputs)
-            point = next(p for p in result.curves["s2o"] if p.value == quality.DEFAULT_THRESHOLD)
+            point = next(p for p in result.curves["s2o"] if p.value == DEFAULT_THRESHOLD)
             heads = head_rows(inputs, result, point, mass)
-            layers_table, geomeans = layer_rows(inputs, result, quality.DEFAULT_THRESHOLD)
+            layers_table, geomeans = layer_rows(inputs, result, DEFAULT_THRESHOLD)
             summary = error_summary(heads)
             beyond = f", RoPE linear x{factor:g} (beyond the trained 8K context)" if factor else ""
             title = f"SmolLM2-135M, {kind} text, N={length}{beyond}: s2o default"

@@ -3,30 +3,28 @@ lengths (GPU), plus the structured data's attention-mass statistics: a quick loo
 quality benchmark. Errors over all rows against an fp32 reference, with the worst head and the
 worst block of rows.
 
-    python benchmarks/sweep_threshold.py --lengths 32768 131072 --thresholds 0.001 0.003 0.01 0.03
-    python benchmarks/sweep_threshold.py --variants "" "patience=2" "segment_size=128,block_m=32"
+    python -m benchmarks.sweep_threshold --lengths 32768 131072 --thresholds 0.001 0.003 0.01 0.03
+    python -m benchmarks.sweep_threshold --variants "" "patience=2" "segment_size=128,block_m=32"
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import s2o  # noqa: E402
-from benchmarks.attention_speed import errors, reference  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    at_threshold,
+import s2o
+from benchmarks.attention_speed import errors
+from benchmarks.common import (
+    benchmark_config,
+    dense_reference,
     parse_config_overrides,
     print_header,
     run_header,
     write_json,
 )
-from s2o import S2OConfig, data  # noqa: E402
+from s2o import data
 
 
 def main() -> None:
@@ -52,13 +50,11 @@ def main() -> None:
             sel = torch.tensor([x == kind for x in kinds])
             top = [round(float(v), 3) for v in shares[sel].mean(0)]
             print(f"# {n}: {kind:>9} heads, mass in top 1/3/10% of keys: {top}")
-        ref = reference(q, k, v)
+        ref = dense_reference(q, k, v)
         for variant in args.variants:
             for threshold in args.thresholds:
                 overrides = parse_config_overrides(variant)
-                config = S2OConfig(
-                    **{**at_threshold(threshold), "strict": True, "error_budget": None, **overrides}
-                )
+                config = benchmark_config(threshold, sparse_pass_only=True, **overrides)
                 out, stats = s2o.attention(
                     q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
                 )

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import s2o
-from benchmarks import baselines, quality
+from benchmarks import ablations, baselines, inputs, matching, quality, s2o_curve
+from benchmarks.common import benchmark_config
 from s2o.plan import Plan
 
 
@@ -139,8 +140,8 @@ def test_curve_matching_recovers_known_ratios():
     # 4x the error at every density (so 2x the density at every error), plus a dominated point.
     baseline = curve("b", 4.0, [0.04, 0.08, 0.16, 0.32, 0.64])
     baseline.append(baselines.CurvePoint("b", "x", 0.5, 0.5, 1.0, 0.0))
-    assert len(quality.pareto_front(baseline)) == 5
-    rows = quality.compare_curves(s2o_points, {"b": baseline})
+    assert len(matching.pareto_front(baseline)) == 5
+    rows = matching.compare_curves(s2o_points, {"b": baseline})
     mine = [r for r in rows if r["baseline"] == "b"]
     for r in mine:
         assert r["mse_ratio"] == pytest.approx(4.0) and r["error_match"] == "in"
@@ -149,11 +150,11 @@ def test_curve_matching_recovers_known_ratios():
     assert all(r["density_ratio"] == pytest.approx(2.0) for r in in_range)
     # s2o's smallest error needs more density than the baseline has: flagged as a lower bound.
     assert mine[-1]["density_match"] == "lower" and mine[-1]["density_ratio"] == 0.64 / 0.4
-    summary = {s["baseline"]: s for s in quality.summarise_ratios(rows, floor=0.0)}
+    summary = {s["baseline"]: s for s in matching.summarise_ratios(rows, floor=0.0)}
     assert summary["b"]["mse_ratio_geomean"] == pytest.approx(4.0)
     assert summary["b"]["density_ratio_geomean"] == pytest.approx(2.0)
     # s2o sparser than any baseline point: out of range, and not an achievable "best".
-    sparse = quality.compare_curves(curve("s2o", 1.0, [0.01]), {"b": baseline})
+    sparse = matching.compare_curves(curve("s2o", 1.0, [0.01]), {"b": baseline})
     assert sparse[0]["error_match"] == "sparser"
 
 
@@ -161,13 +162,13 @@ def test_curve_matching_recovers_known_ratios():
 @pytest.mark.parametrize("ordering", ["kv_head", "query_head"])
 def test_python_mean_scores_equal_the_op(ordering, score_variance):
     q, k = torch.randn(1, 4, 300, 32), torch.randn(1, 2, 300, 32)
-    config = quality.benchmark_config(
-        segment_size=64, ordering=ordering, score_variance=score_variance
+    config = benchmark_config(
+        sparse_pass_only=True, segment_size=64, ordering=ordering, score_variance=score_variance
     )
     expected = Plan.for_call(config, q.shape, k.shape, is_causal=True, scale=0.25).estimate(q, k)
-    scores = quality.alternative_scores(q, k, config, "mean", scale=0.25)
+    scores = s2o_curve.alternative_scores(q, k, config, "mean", scale=0.25)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
-    assert quality.alternative_scores(q, k, config, "head-max", scale=0.25).shape == scores.shape
+    assert s2o_curve.alternative_scores(q, k, config, "head-max", scale=0.25).shape == scores.shape
 
 
 def _small_run(tmp_path):
@@ -201,7 +202,7 @@ def test_reduced_smoke_run_writes_checked_results(tmp_path, capsys):
     assert best["points_in_range"] > 0
     for name in ("curves_N1024.png", "attention_map_h0.png", "ablations_N1024.png"):
         assert (tmp_path / name).stat().st_size > 10_000
-    assert len(summary["ablations"]) == len(quality.ablation_variants(group_size=4))
+    assert len(summary["ablations"]) == len(ablations.ablation_variants(group_size=4))
 
 
 def test_checks_catch_broken_curves():
@@ -226,7 +227,7 @@ def test_checks_catch_broken_curves():
         assert any(expected in f for f in failures), expected
     python_scores = [point("s2o", 0, 1.0, 1e-6), point("s2o", 0.1, 0.6, 1e-3)]
     ablation = {"default: default": good["s2o"], "check: mean": python_scores}
-    assert quality.check_ablations(ablation)
+    assert ablations.check_ablations(ablation)
     assert quality.check_files([quality.REPO_ROOT / "no-such-file"])
 
 
@@ -274,21 +275,21 @@ def test_reduced_run_on_qkv_captured_from_a_local_model(tmp_path, capsys):
 
 
 def test_ablations_skip_variants_the_kernel_rejects(monkeypatch):
-    inputs = quality.structured_inputs(512, q_heads=8, kv_heads=2, head_dim=64)
-    reference = quality.dense_reference(inputs, 64, 1 << 20)
-    real_curve = quality.s2o_curve
+    structured = inputs.structured_inputs(512, q_heads=8, kv_heads=2, head_dim=64)
+    reference = quality.dense_reference(structured, 64, 1 << 20)
+    real_curve = s2o_curve.s2o_curve
 
     def curve_on_a_kernel_with_fixed_block_n(inputs, reference, thresholds, **kwargs):
         if kwargs.get("block_n", 64) != 64:
             raise RuntimeError("the CUDA kernel takes block_n=64\nmore detail")
         return real_curve(inputs, reference, thresholds, **kwargs)
 
-    monkeypatch.setattr(quality, "s2o_curve", curve_on_a_kernel_with_fixed_block_n)
-    curves, rows = quality.run_ablations(inputs, reference, (0.01, 0.1), floor=1e-7)
+    monkeypatch.setattr(ablations, "s2o_curve", curve_on_a_kernel_with_fixed_block_n)
+    curves, rows = ablations.run_ablations(structured, reference, (0.01, 0.1), floor=1e-7)
     skipped = [row for row in rows if "skipped" in row]
     assert [(row["group"], row["variant"]) for row in skipped] == [
         ("block_n", "32"),
         ("block_n", "128"),
     ]
     assert skipped[0]["skipped"] == "the CUDA kernel takes block_n=64"
-    assert len(curves) == len(rows) - 2 and quality.check_ablations(curves) == []
+    assert len(curves) == len(rows) - 2 and ablations.check_ablations(curves) == []
