@@ -1,5 +1,5 @@
-// Definitions of the launch functions of sparse_attention_launch.h, included by the files under
-// instantiations/.
+// Definitions of the launch functions of sparse_attention_launch.h, included by the one-instance
+// translation units setup.py generates (attention_instantiations).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>

@@ -118,14 +118,92 @@ struct WorkUnit {
   }
 };
 
-// Whether any of the kWarps votes on a tile says a row was not quiet.
-template <int kWarps>
-__device__ __forceinline__ bool any_loud(const int* votes) {
-  bool loud = false;
+// The K/V gather of a unit: tile u's key rows into shared stage u % 2 (cp.async, 16-byte chunks;
+// rows past the tile's end are zero-filled; an index outside the keys reads key 0, for memory
+// safety), local tiles by position and history tiles through their index tile. Each thread copies
+// one chunk column of rows row0 + i * kRowStep, so its shared offsets (the kernel's swizzle
+// depends on row % 8 only) and its global column are fixed: per row only the key's address
+// changes. tile_offset(row, chunk) is the kernel's byte offset of a chunk in a tile.
+template <typename Element, int kHeadDim, int kBlockN, int kThreads>
+struct KvGather {
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  static constexpr int kRowStep = kThreads / kChunks;
+  static constexpr uint32_t kTileBytes = uint32_t(kBlockN * kHeadDim * sizeof(Element));
+  static_assert(kThreads % kChunks == 0 && kRowStep % 8 == 0 && kBlockN % kRowStep == 0,
+                "whole rows per pass, one swizzle phase per thread");
+
+  const Element* k_col;
+  const Element* v_col;
+  int64_t k_row_stride, v_row_stride;
+  uint32_t k_dst, v_dst, row_step_bytes, num_keys;
+  int row0;
+
+  template <typename TileOffset>
+  __device__ __forceinline__ KvGather(const SparseAttentionParams& p, const WorkUnit& unit, int b,
+                                      int tid, uint32_t s_k, uint32_t s_v,
+                                      TileOffset tile_offset) {
+    row0 = tid / kChunks;
+    const int chunk = tid % kChunks;
+    k_col = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
+            unit.kv_head * p.k_strides.head + chunk * 8;
+    v_col = static_cast<const Element*>(p.value) + b * p.v_strides.batch +
+            unit.kv_head * p.v_strides.head + chunk * 8;
+    k_row_stride = p.k_strides.row;
+    v_row_stride = p.v_strides.row;
+    const uint32_t offset = tile_offset(row0, chunk);
+    k_dst = s_k + offset;
+    v_dst = s_v + offset;
+    row_step_bytes = tile_offset(row0 + kRowStep, chunk) - offset;
+    num_keys = uint32_t(p.layout.num_keys);
+  }
+
+  // tile_index: tile u's entries of the ranked list in shared memory (history tiles).
+  __device__ __forceinline__ void issue(const WorkUnit& unit, int u,
+                                        const int32_t* tile_index) const {
+    if (u >= unit.n_tiles) return;
+    const uint32_t stage_bytes = uint32_t(u % 2) * kTileBytes;
+    const bool local = unit.is_local(u);
+    const int64_t tile_begin = unit.tile_begin(u, kBlockN);
+    const int tile_rows = unit.tile_keys(u, kBlockN);
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) loud |= votes[w] != 0;
-  return loud;
-}
+    for (int i = 0; i < kBlockN / kRowStep; ++i) {
+      const int j = row0 + i * kRowStep;
+      const bool valid = j < tile_rows;
+      uint32_t key = local ? uint32_t(tile_begin + j) : uint32_t(tile_index[j]);
+      key = valid && key < num_keys ? key : 0u;
+      const uint32_t dst = uint32_t(i) * row_step_bytes + stage_bytes;
+      cp_async_16(k_dst + dst, k_col + int64_t(key) * k_row_stride, valid ? 16 : 0);
+      cp_async_16(v_dst + dst, v_col + int64_t(key) * v_row_stride, valid ? 16 : 0);
+    }
+  }
+};
+
+// The stop rule across a block's warps: after history tile t each warp votes whether any of its
+// rows reached the bar (cast); after the barrier that precedes tile t + 1, every thread reads the
+// votes on tile t and counts the quiet tiles in a row (stops). Votes alternate between two slots,
+// so one barrier per tile separates each write from its reads.
+template <int kWarps>
+struct StopVote {
+  int* votes;  // [2][kWarps] in shared memory
+  int quiet_tiles = 0;
+
+  __device__ __forceinline__ explicit StopVote(int* shared_votes) : votes(shared_votes) {}
+
+  __device__ __forceinline__ void cast(int t, int warp, int lane, bool loud) {
+    loud = __any_sync(0xffffffff, loud);
+    if (lane == 0) votes[(t % 2) * kWarps + warp] = loud;
+  }
+
+  // Whether tile t - 1 (voted on) ends the unit: `patience` quiet history tiles in a row.
+  __device__ __forceinline__ bool stops(int t, int patience) {
+    const int* tile_votes = votes + ((t - 1) % 2) * kWarps;
+    bool loud = false;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) loud |= tile_votes[w] != 0;
+    quiet_tiles = loud ? 0 : quiet_tiles + 1;
+    return quiet_tiles >= patience;
+  }
+};
 
 // Scales the scores of one 16-row fragment to the log2 domain and masks, per row x, the columns
 // after last_key[x] to -inf.

@@ -100,47 +100,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   const int b = blockIdx.z;
   const int n_local = unit.n_local, n_tiles = unit.n_tiles;
 
-  const Element* k = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
-                     unit.kv_head * p.k_strides.head;
-  const Element* v = static_cast<const Element*>(p.value) + b * p.v_strides.batch +
-                     unit.kv_head * p.v_strides.head;
-
-  // Index tile u (a history tile) -> s_index[u % 3].
-  auto issue_indices = [&](int u) {
-    unit.issue_index_tile(u, tid, s_index + (u % Traits::kIndexStages) * kBlockN, kBlockN);
-  };
-  // K and V rows of tile u -> stage u % 2; rows past the tile's end are zero-filled. Each thread
-  // copies one 16-byte chunk column of rows kv_row0 + i * kRowStep, so its shared-memory offsets
-  // (the swizzle depends on row % 8 only) and global column are fixed: per row only the key's
-  // address changes.
-  constexpr int kRowStep = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kRowStep % 8 == 0 && kBlockN % kRowStep == 0,
-                "whole rows per pass, one swizzle phase per thread");
-  const int kv_row0 = tid / kChunks, kv_chunk = tid % kChunks;
-  const uint32_t k_dst0 = smem_address(s_k + swizzle<D>(kv_row0, kv_chunk));
-  const uint32_t v_dst0 = smem_address(s_v + swizzle<D>(kv_row0, kv_chunk));
-  const Element* k_col = k + kv_chunk * 8;
-  const Element* v_col = v + kv_chunk * 8;
-  const int64_t k_row_stride = p.k_strides.row, v_row_stride = p.v_strides.row;
-  const uint32_t num_keys = uint32_t(layout.num_keys);
-  auto issue_kv = [&](int u) {
-    if (u >= n_tiles) return;
-    const uint32_t stage_bytes = uint32_t((u % 2) * Traits::kTileElements * sizeof(Element));
-    const bool local = unit.is_local(u);
-    const int64_t tile_begin = unit.tile_begin(u, kBlockN);
-    const int tile_rows = unit.tile_keys(u, kBlockN);
-    const int32_t* tile_index = s_index + (u % Traits::kIndexStages) * kBlockN;
-#pragma unroll
-    for (int i = 0; i < kBlockN / kRowStep; ++i) {
-      const int j = kv_row0 + i * kRowStep;
-      const bool valid = j < tile_rows;
-      uint32_t key = local ? uint32_t(tile_begin + j) : uint32_t(tile_index[j]);
-      key = valid && key < num_keys ? key : 0u;  // also memory safety for bad indices
-      const uint32_t row_bytes = uint32_t(i * kRowStep * D * sizeof(Element)) + stage_bytes;
-      cp_async_16(k_dst0 + row_bytes, k_col + int64_t(key) * k_row_stride, valid ? 16 : 0);
-      cp_async_16(v_dst0 + row_bytes, v_col + int64_t(key) * v_row_stride, valid ? 16 : 0);
-    }
-  };
+  // Index tile u (a history tile) -> s_index[u % 3]; K and V of tile u -> stage u % 2.
+  auto index_tile = [&](int u) { return s_index + (u % Traits::kIndexStages) * kBlockN; };
+  auto issue_indices = [&](int u) { unit.issue_index_tile(u, tid, index_tile(u), kBlockN); };
+  const KvGather<Element, D, kBlockN, kThreads> gather(
+      p, unit, b, tid, smem_address(s_k), smem_address(s_v),
+      [](int row, int chunk) { return uint32_t(swizzle<D>(row, chunk) * sizeof(Element)); });
+  auto issue_kv = [&](int u) { gather.issue(unit, u, index_tile(u)); };
 
   // Query rows and the first index tiles.
   unit.issue_query_rows<Element, kRows, kChunks, kThreads>(
@@ -191,16 +157,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   }
   const bool early_stop = unit.threshold > 0.0f;
   const bool positive_scale = p.scale_log2 > 0.0f;
-  int quiet_tiles = 0, tiles_done = 0;
+  StopVote<kWarps> vote(s_loud);
+  int tiles_done = 0;
 
   for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait<0>();
     __syncthreads();
-    if (early_stop && t > n_local) {  // tile t-1 was a history tile: did it stop the unit?
-      const bool loud = any_loud<kWarps>(s_loud + ((t - 1) % 2) * kWarps);
-      quiet_tiles = loud ? 0 : quiet_tiles + 1;
-      if (quiet_tiles >= p.patience) break;
-    }
+    // Tile t-1 was a history tile: did it stop the unit?
+    if (early_stop && t > n_local && vote.stops(t, p.patience)) break;
     issue_indices(t + 2);
     issue_kv(t + 1);
     cp_async_commit();
@@ -313,8 +277,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
                   row_is_loud(tile_gain[m][x], row_mass[m][x], bar);
         }
       }
-      loud = __any_sync(0xffffffff, loud);
-      if (lane == 0) s_loud[stage * kWarps + warp] = loud;
+      vote.cast(t, warp, lane, loud);
     }
     tiles_done = t + 1;
   }
