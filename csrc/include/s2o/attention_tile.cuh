@@ -123,8 +123,9 @@ struct WorkUnit {
 // safety), local tiles by position and history tiles through their index tile. Each thread copies
 // one chunk column of rows row0 + i * kRowStep, so its shared offsets (the kernel's swizzle
 // depends on row % 8 only) and its global column are fixed: per row only the key's address
-// changes. tile_offset(row, chunk) is the kernel's byte offset of a chunk in a tile.
-template <typename Element, int kHeadDim, int kBlockN, int kThreads>
+// changes. tile_offset(row, chunk) is the kernel's byte offset of a chunk in a tile, and rows
+// kRowPitch bytes apart at a fixed chunk (compile-time, so every row's offset is an immediate).
+template <typename Element, int kHeadDim, int kBlockN, int kThreads, int kRowPitch>
 struct KvGather {
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   static constexpr int kRowStep = kThreads / kChunks;
@@ -135,7 +136,7 @@ struct KvGather {
   const Element* k_col;
   const Element* v_col;
   int64_t k_row_stride, v_row_stride;
-  uint32_t k_dst, v_dst, row_step_bytes, num_keys;
+  uint32_t k_dst, v_dst, num_keys;
   int row0;
 
   template <typename TileOffset>
@@ -153,7 +154,6 @@ struct KvGather {
     const uint32_t offset = tile_offset(row0, chunk);
     k_dst = s_k + offset;
     v_dst = s_v + offset;
-    row_step_bytes = tile_offset(row0 + kRowStep, chunk) - offset;
     num_keys = uint32_t(p.layout.num_keys);
   }
 
@@ -171,7 +171,7 @@ struct KvGather {
       const bool valid = j < tile_rows;
       uint32_t key = local ? uint32_t(tile_begin + j) : uint32_t(tile_index[j]);
       key = valid && key < num_keys ? key : 0u;
-      const uint32_t dst = uint32_t(i) * row_step_bytes + stage_bytes;
+      const uint32_t dst = uint32_t(i * kRowStep * kRowPitch) + stage_bytes;
       cp_async_16(k_dst + dst, k_col + int64_t(key) * k_row_stride, valid ? 16 : 0);
       cp_async_16(v_dst + dst, v_col + int64_t(key) * v_row_stride, valid ? 16 : 0);
     }

@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   // Index tile u (a history tile) -> s_index[u % 3]; K and V of tile u -> stage u % 2.
   auto index_tile = [&](int u) { return s_index + (u % Traits::kIndexStages) * kBlockN; };
   auto issue_indices = [&](int u) { unit.issue_index_tile(u, tid, index_tile(u), kBlockN); };
-  const KvGather<Element, D, kBlockN, kThreads> gather(
+  const KvGather<Element, D, kBlockN, kThreads, D * sizeof(Element)> gather(
       p, unit, b, tid, smem_address(s_k), smem_address(s_v),
       [](int row, int chunk) { return uint32_t(swizzle<D>(row, chunk) * sizeof(Element)); });
   auto issue_kv = [&](int u) { gather.issue(unit, u, index_tile(u)); };

@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   // 128-byte swizzled layout of wgmma.cuh.
   auto index_tile = [&](int u) { return s_index + (u % Traits::kIndexStages) * kBlockN; };
   auto issue_indices = [&](int u) { unit.issue_index_tile(u, tid, index_tile(u), kBlockN); };
-  using Gather = KvGather<Element, D, kBlockN, kThreads>;
+  using Gather = KvGather<Element, D, kBlockN, kThreads, 128>;  // 128-byte swizzled rows
   static_assert(Gather::kTileBytes == Traits::kTileBytes, "one stage per tile");
   const Gather gather(p, unit, b, tid, s_k, s_v,
                       [](int row, int chunk) { return swizzle128<kBlockN>(row, chunk); });
