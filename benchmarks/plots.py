@@ -122,15 +122,17 @@ def plot_attention_map(
     q_heads, kv_heads = inputs.query.shape[1], inputs.key.shape[1]
     group = q_heads // kv_heads
     kv_head = head // group
-    per_kv = config.order_per_kv_head
-    unit_heads = list(range(kv_head * group, (kv_head + 1) * group)) if per_kv else [head]
+    order_per_kv_head = config.order_per_kv_head
+    unit_heads = (
+        list(range(kv_head * group, (kv_head + 1) * group)) if order_per_kv_head else [head]
+    )
     q = inputs.query[:1, unit_heads, :length]
     k = inputs.key[:1, kv_head : kv_head + 1, :length]
     v = inputs.value[:1, kv_head : kv_head + 1, :length]
     plan = Plan.for_call(config, q.shape, k.shape, is_causal=True, scale=inputs.scale)
     block_m, segment = plan.block_m, plan.layout.segment_size
     _, indices, (_, _, counts) = plan.run(q, k, v)
-    local_head = unit_heads.index(head) if per_kv else 0
+    local_head = unit_heads.index(head) if order_per_kv_head else 0
     scale = softmax_scale(q.shape[-1], inputs.scale)
     logits = (q[0, local_head].float() @ k[0, 0].float().T * scale).cpu()
     pos = torch.arange(length)

@@ -113,11 +113,11 @@ def alternative_scores(
     batch, q_heads, num_tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    per_kv = config.order_per_kv_head
+    order_per_kv_head = config.order_per_kv_head
     layout = SegmentLayout(num_tokens, num_tokens, config.segment_size, 0, True)
-    heads_per_unit = group if per_kv else 1
+    heads_per_unit = group if order_per_kv_head else 1
     ordering_heads = q_heads // heads_per_unit
-    keys = key.float() if per_kv else key.float().repeat_interleave(group, dim=1)
+    keys = key.float() if order_per_kv_head else key.float().repeat_interleave(group, dim=1)
     variance_weight = config.score_variance * scale
     scores = torch.empty(batch, ordering_heads, layout.total_history, device=query.device)
     for s in range(layout.num_segments):

@@ -122,7 +122,7 @@ def test_greedy_generation_matches_sdpa_at_threshold_zero():
 
 
 def test_short_prompts_take_the_dense_route():
-    s2o_hf.set_config(S2OConfig())  # min_keys 4096
+    s2o_hf.set_config(S2OConfig())  # the default min_keys (16384): a 100-token prompt is short
     s2o_model, sdpa_model = _models("s2o", "sdpa")
     prompt = _prompt(100)
     with s2o_hf.record_stats() as recorder, torch.no_grad():
