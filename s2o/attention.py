@@ -236,10 +236,6 @@ def attention(
             out = _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                         enable_gqa=enable_gqa)  # fmt: skip
         return (out, S2OStats(path="dense", fallback_reason="empty")) if return_stats else out
-    if scale is not None and scale < 0:
-        # softmax(scale * q.k) = softmax(|scale| * (-q).k): the ranking and the variance term
-        # need a positive scale.
-        query, scale = -query, -scale
 
     fallback = _fallback_reason(query, key, value, attn_mask, dropout_p, config)
     if fallback is not None:
@@ -257,6 +253,10 @@ def attention(
         clock.lap("dense")
         return out, S2OStats(path="dense", fallback_reason=reason, time_ms=clock.times)
 
+    if scale is not None and scale < 0:
+        # softmax(scale * q.k) = softmax(|scale| * (-q).k): the ranking and the variance term
+        # need a positive scale.
+        query, scale = -query, -scale
     squeeze_heads = query.dim() == 3
     if squeeze_heads:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
