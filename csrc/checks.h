@@ -163,30 +163,6 @@ inline UnitLayout check_units(int64_t q_heads, int64_t kv_heads, bool order_per_
   return UnitLayout{unit_heads, q_heads / unit_heads};
 }
 
-// What sparse_attention's checked arguments determine.
-struct SparseAttentionArgs {
-  SegmentLayout layout;
-  UnitLayout units;
-  int64_t ordering_heads;  // ranked lists per batch entry
-};
-
-// The arguments of sparse_attention shared by the CPU and CUDA kernels (each device adds its own).
-inline SparseAttentionArgs check_sparse_attention_args(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
-    bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, std::optional<double> tail_threshold, bool allow_fp32) {
-  check_query_key(query, key, allow_fp32);
-  check_value(value, query, key);
-  check_attention_knobs(segment_size, block_m, block_n, threshold, patience, tail_threshold);
-  SparseAttentionArgs args{
-      check_layout(query.size(2), key.size(2), segment_size, q_offset, is_causal),
-      check_units(query.size(1), key.size(1), order_per_kv_head, group_units),
-      order_per_kv_head ? key.size(1) : query.size(1)};
-  check_indices(indices, query, args.ordering_heads, args.layout);
-  return args;
-}
-
 // unit_threshold [B, H_unit] fp32 on query's device (H_unit: the units per batch entry).
 inline void check_unit_threshold(const at::Tensor& unit_threshold, const at::Tensor& query,
                                  int64_t units) {

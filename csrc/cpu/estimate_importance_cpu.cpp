@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "ops.h"
 #include "dispatch.h"
 #include "s2o/layout.h"
 
@@ -125,26 +126,16 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
   });
 }
 
-at::Tensor estimate_importance_cpu(const at::Tensor& query, const at::Tensor& key,
-                                   int64_t segment_size, int64_t q_offset, bool is_causal,
-                                   bool order_per_kv_head, double score_variance,
-                                   std::optional<double> scale) {
-  check_query_key(query, key, /*allow_fp32=*/true);
-  const float weight = variance_weight(score_variance, scale, query.size(3));
-  const SegmentLayout layout =
-      check_layout(query.size(2), key.size(2), segment_size, q_offset, is_causal);
-  const int64_t ordering_heads = order_per_kv_head ? key.size(1) : query.size(1);
-  at::Tensor scores = at::empty({query.size(0), ordering_heads, layout.total_history()},
-                                query.options().dtype(at::kFloat));
-  S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "estimate_importance", [&] {
-    estimate_importance_kernel<scalar_t>(query, key, layout, order_per_kv_head,
-                                         weight, scores);
+void estimate_importance_cpu(const EstimateImportanceCall& call) {
+  S2O_DISPATCH_CPU_FLOAT(call.query.scalar_type(), "estimate_importance", [&] {
+    estimate_importance_kernel<scalar_t>(call.query, call.key, call.layout, call.order_per_kv_head,
+                                         call.variance_weight, call.scores);
   });
-  return scores;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s2o, CPU, m) { m.impl("estimate_importance", &estimate_importance_cpu); }
+TORCH_LIBRARY_IMPL(s2o, CPU, m) { m.impl("estimate_importance",
+         &estimate_importance_op<estimate_importance_cpu, Kernels::kCpu>); }
 
 }  // namespace s2o

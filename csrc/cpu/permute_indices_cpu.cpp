@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "ops.h"
 #include "message.h"
 #include "s2o/layout.h"
 #include "s2o/ranking.h"
@@ -38,19 +39,16 @@ void rank_list(const std::vector<uint32_t>& keys, int64_t ranked_keys, std::vect
   std::stable_sort(list, prefix_end, [&](int32_t a, int32_t b) { return keys[a] > keys[b]; });
 }
 
-at::Tensor permute_indices_cpu(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
-                               int64_t segment_size, int64_t q_offset, bool is_causal,
-                               int64_t rank_bits, int64_t ranked_keys) {
-  const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
-                                                  q_offset, is_causal, rank_bits, ranked_keys);
+void permute_indices_cpu(const PermuteIndicesCall& call) {
+  const SegmentLayout& layout = call.layout;
+  const at::Tensor& scores = call.scores;
+  const int64_t ranked_keys = call.ranked_keys;
   const int64_t total = layout.total_history();
 
-  const at::Tensor scores_c = scores.contiguous();
-  at::Tensor indices = at::empty(scores.sizes(), scores.options().dtype(at::kInt));
-  const float* in = scores_c.const_data_ptr<float>();
-  int32_t* out = indices.mutable_data_ptr<int32_t>();
+  const float* in = scores.const_data_ptr<float>();
+  int32_t* out = call.indices.mutable_data_ptr<int32_t>();
   const int64_t num_segments = layout.num_segments();
-  const int bits = static_cast<int>(rank_bits);
+  const int bits = static_cast<int>(call.rank_bits);
 
   at::parallel_for(0, scores.size(0) * scores.size(1) * num_segments, 1,
                    [&](int64_t begin, int64_t end) {
@@ -65,11 +63,10 @@ at::Tensor permute_indices_cpu(const at::Tensor& scores, int64_t num_queries, in
                        rank_list(keys, ranked_keys, sorted, out + offset);
                      }
                    });
-  return indices;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s2o, CPU, m) { m.impl("permute_indices", &permute_indices_cpu); }
+TORCH_LIBRARY_IMPL(s2o, CPU, m) { m.impl("permute_indices", &permute_indices_op<permute_indices_cpu>); }
 
 }  // namespace s2o

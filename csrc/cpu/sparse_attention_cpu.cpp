@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "ops.h"
 #include "message.h"
 #include "dispatch.h"
 #include "s2o/layout.h"
@@ -286,55 +287,34 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cpu(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
-    bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, std::optional<double> tail_threshold, std::optional<double> scale,
-    const std::optional<at::Tensor>& unit_threshold) {
-  const SparseAttentionArgs args = check_sparse_attention_args(
-      query, key, value, indices, segment_size, q_offset, is_causal, order_per_kv_head,
-      group_units, block_m, block_n, threshold, patience, tail_threshold, /*allow_fp32=*/true);
-  at::Tensor unit_threshold_c;
-  if (unit_threshold.has_value()) {
-    check_unit_threshold(*unit_threshold, query, args.units.units);
-    unit_threshold_c = unit_threshold->contiguous();
-  }
-  AttentionShape shape{args.layout};
+void sparse_attention_cpu(const SparseAttentionCall& call) {
+  const at::Tensor& query = call.query;
+  AttentionShape shape{call.layout};
   shape.batch = query.size(0);
   shape.q_heads = query.size(1);
-  shape.kv_heads = key.size(1);
+  shape.kv_heads = call.key.size(1);
   shape.head_dim = query.size(3);
   shape.group = shape.q_heads / shape.kv_heads;
-  shape.order_per_kv_head = order_per_kv_head;
-  shape.ordering_heads = args.ordering_heads;
-  shape.unit_heads = args.units.unit_heads;
-  shape.units = args.units.units;
-  shape.block_m = block_m;
-  shape.block_n = block_n;
-  shape.num_q_tiles = ceil_div(shape.layout.num_queries, block_m);
-  shape.threshold = static_cast<float>(threshold);
-  shape.tail_threshold = tail_threshold_or_inf(tail_threshold);
-  shape.patience = patience;
-  shape.scale = static_cast<float>(resolve_scale(scale, shape.head_dim));
-
-  at::Tensor out = at::empty(query.sizes(), query.options());
-  at::Tensor lse = at::empty({shape.batch, shape.q_heads, shape.layout.num_queries},
-                             query.options().dtype(at::kFloat));
-  at::Tensor tile_counts = at::empty({shape.batch, shape.units, shape.num_q_tiles},
-                                     query.options().dtype(at::kInt));
-  const at::Tensor indices_c = indices.contiguous();
+  shape.order_per_kv_head = call.order_per_kv_head;
+  shape.ordering_heads = call.ordering_heads;
+  shape.unit_heads = call.units.unit_heads;
+  shape.units = call.units.units;
+  shape.block_m = call.block_m;
+  shape.block_n = call.block_n;
+  shape.num_q_tiles = call.num_q_tiles;
+  shape.threshold = call.threshold;
+  shape.tail_threshold = call.tail_threshold;
+  shape.patience = call.patience;
+  shape.scale = static_cast<float>(call.scale);
   S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "sparse_attention", [&] {
-    sparse_attention_kernel<scalar_t>(
-        query, key, value, indices_c,
-        unit_threshold_c.defined() ? unit_threshold_c.const_data_ptr<float>() : nullptr, shape,
-        out, lse, tile_counts);
+    sparse_attention_kernel<scalar_t>(query, call.key, call.value, call.indices,
+                                      call.unit_threshold, shape, call.out, call.lse,
+                                      call.tile_counts);
   });
-  return {out, lse, tile_counts};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s2o, CPU, m) { m.impl("sparse_attention", &sparse_attention_cpu); }
+TORCH_LIBRARY_IMPL(s2o, CPU, m) { m.impl("sparse_attention", &sparse_attention_op<sparse_attention_cpu, Kernels::kCpu>); }
 
 }  // namespace s2o

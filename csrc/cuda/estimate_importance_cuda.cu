@@ -7,23 +7,18 @@
 #include "checks.h"
 #include "cuda_dispatch.h"
 #include "cuda_utils.h"
+#include "ops.h"
 #include "s2o/importance.cuh"
 
 namespace s2o {
 namespace {
 
-at::Tensor estimate_importance_cuda(const at::Tensor& query_in, const at::Tensor& key_in,
-                                    int64_t segment_size, int64_t q_offset, bool is_causal,
-                                    bool order_per_kv_head, double score_variance,
-                                    std::optional<double> scale) {
-  check_query_key(query_in, key_in, /*allow_fp32=*/false);
-  const float weight = variance_weight(score_variance, scale, query_in.size(3));
-  check_cuda_tensor(query_in, "query");
-  check_cuda_head_dim(query_in.size(3));
-  const SegmentLayout layout =
-      check_layout(query_in.size(2), key_in.size(2), segment_size, q_offset, is_causal);
-  const c10::cuda::CUDAGuard guard(query_in.device());
-  const at::Tensor query = with_aligned_rows(query_in), key = with_aligned_rows(key_in);
+void estimate_importance_cuda(const EstimateImportanceCall& call) {
+  check_cuda_tensor(call.query, "query");
+  check_cuda_head_dim(call.query.size(3));
+  const SegmentLayout& layout = call.layout;
+  const c10::cuda::CUDAGuard guard(call.query.device());
+  const at::Tensor query = with_aligned_rows(call.query), key = with_aligned_rows(call.key);
 
   EstimateImportanceParams p{};
   p.batch = int(query.size(0));
@@ -31,22 +26,20 @@ at::Tensor estimate_importance_cuda(const at::Tensor& query_in, const at::Tensor
   p.kv_heads = int(key.size(1));
   p.head_dim = int(query.size(3));
   p.group = p.q_heads / p.kv_heads;
-  p.order_per_kv_head = order_per_kv_head;
-  p.ordering_heads = order_per_kv_head ? p.kv_heads : p.q_heads;
+  p.order_per_kv_head = call.order_per_kv_head;
+  p.ordering_heads = int(call.scores.size(1));
   p.layout = layout;
   p.query = query.data_ptr();
   p.key = key.data_ptr();
   p.q_strides = strides_of(query);
   p.k_strides = strides_of(key);
 
-  auto options = query.options().dtype(at::kFloat);
   // The segments' representatives: scratch between the two kernels.
-  at::Tensor representatives =
-      at::empty({p.batch, p.ordering_heads, layout.num_segments(), p.head_dim}, options);
-  at::Tensor scores = at::empty({p.batch, p.ordering_heads, layout.total_history()}, options);
+  at::Tensor representatives = at::empty({p.batch, p.ordering_heads, layout.num_segments(), p.head_dim},
+                                         query.options().dtype(at::kFloat));
   p.representatives = representatives.mutable_data_ptr<float>();
-  p.scores = scores.mutable_data_ptr<float>();
-  p.variance_weight = weight;
+  p.scores = call.scores.mutable_data_ptr<float>();
+  p.variance_weight = call.variance_weight;
   at::Tensor variances;  // the weighted variances, scratch of the second scoring pass
   if (p.variance_weight > 0.0f) {
     variances = at::empty_like(representatives);
@@ -69,11 +62,11 @@ at::Tensor estimate_importance_cuda(const at::Tensor& query_in, const at::Tensor
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return scores;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s2o, CUDA, m) { m.impl("estimate_importance", &estimate_importance_cuda); }
+TORCH_LIBRARY_IMPL(s2o, CUDA, m) { m.impl("estimate_importance",
+         &estimate_importance_op<estimate_importance_cuda, Kernels::kCuda>); }
 
 }  // namespace s2o

@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "message.h"
+#include "ops.h"
 #include "s2o/permute.cuh"
 
 namespace s2o {
@@ -61,11 +62,10 @@ void counting_rank(const at::Tensor& scores, const SegmentLayout& layout, int ra
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor permute_indices_cuda(const at::Tensor& scores, int64_t num_queries, int64_t num_keys,
-                                int64_t segment_size, int64_t q_offset, bool is_causal,
-                                int64_t rank_bits, int64_t ranked_keys) {
-  const SegmentLayout layout = check_permute_args(scores, num_queries, num_keys, segment_size,
-                                                  q_offset, is_causal, rank_bits, ranked_keys);
+void permute_indices_cuda(const PermuteIndicesCall& call) {
+  const at::Tensor& scores = call.scores;
+  const SegmentLayout& layout = call.layout;
+  const int64_t rank_bits = call.rank_bits, ranked_keys = call.ranked_keys;
   const bool counting = rank_bits <= CountingRank::kBits;
   S2O_CHECK(counting || ranked_keys == 0, "permute_indices on CUDA ranks only a prefix (ranked_keys=",
             ranked_keys, ") with rank_bits <= ", kCountingRankBits, ", got rank_bits=", rank_bits);
@@ -80,23 +80,19 @@ at::Tensor permute_indices_cuda(const at::Tensor& scores, int64_t num_queries, i
               kCountingRankBits, " ranks at most 65535 (batch x heads) lists in one call, got ",
               scores.size(0) * scores.size(1));
   }
-
+  if (scores.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(scores.device());
-  const at::Tensor scores_c = scores.contiguous();
-  at::Tensor indices = at::empty(scores.sizes(), scores.options().dtype(at::kInt));
-  if (scores.numel() == 0) return indices;
   if (counting) {
-    counting_rank(scores_c, layout, int(rank_bits), ranked_keys, indices);
+    counting_rank(scores, layout, int(rank_bits), ranked_keys, call.indices);
   } else if (rank_bits <= 16) {  // 16-bit sort keys: half the key traffic, at most two passes
-    rank_segments<uint16_t>(scores_c, layout, int(rank_bits), indices);
+    rank_segments<uint16_t>(scores, layout, int(rank_bits), call.indices);
   } else {
-    rank_segments<uint32_t>(scores_c, layout, int(rank_bits), indices);
+    rank_segments<uint32_t>(scores, layout, int(rank_bits), call.indices);
   }
-  return indices;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s2o, CUDA, m) { m.impl("permute_indices", &permute_indices_cuda); }
+TORCH_LIBRARY_IMPL(s2o, CUDA, m) { m.impl("permute_indices", &permute_indices_op<permute_indices_cuda>); }
 
 }  // namespace s2o

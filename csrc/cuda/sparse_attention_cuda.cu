@@ -12,6 +12,7 @@
 #include "message.h"
 #include "cuda_dispatch.h"
 #include "cuda_utils.h"
+#include "ops.h"
 #include "sparse_attention_launch.h"
 
 namespace s2o {
@@ -46,74 +47,52 @@ bool use_wgmma_kernel(int device) {
   return built && hopper;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
-    const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
-    const at::Tensor& indices, int64_t segment_size, int64_t q_offset, bool is_causal,
-    bool order_per_kv_head, bool group_units, int64_t block_m, int64_t block_n, double threshold,
-    int64_t patience, std::optional<double> tail_threshold, std::optional<double> scale,
-    const std::optional<at::Tensor>& unit_threshold) {
-  const SparseAttentionArgs args = check_sparse_attention_args(
-      query_in, key_in, value_in, indices, segment_size, q_offset, is_causal, order_per_kv_head,
-      group_units, block_m, block_n, threshold, patience, tail_threshold, /*allow_fp32=*/false);
-  check_cuda_tensor(query_in, "query");
-  check_cuda_head_dim(query_in.size(3));
-  S2O_CHECK(block_n == kCudaBlockN, "the CUDA kernel takes block_n=", kCudaBlockN, ", got ",
-            block_n);
-  const int64_t unit_heads = args.units.unit_heads;
-  S2O_CHECK(unit_heads * block_m <= kCudaMaxUnitRows, "the CUDA kernel takes work units of at most ",
-            kCudaMaxUnitRows, " rows: block_m (", block_m, ") x query heads per unit (", unit_heads,
-            ") = ", unit_heads * block_m);
-  const SegmentLayout& layout = args.layout;
-  const int64_t group = query_in.size(1) / key_in.size(1);
-  const int64_t head_dim = query_in.size(3);
-
-  const c10::cuda::CUDAGuard guard(query_in.device());
-  const at::Tensor query = with_aligned_rows(query_in), key = with_aligned_rows(key_in),
-                   value = with_aligned_rows(value_in), indices_c = indices.contiguous();
-  at::Tensor unit_threshold_c;
-  if (unit_threshold.has_value()) {
-    check_unit_threshold(*unit_threshold, query_in, args.units.units);
-    unit_threshold_c = unit_threshold->contiguous();
-  }
+void sparse_attention_cuda(const SparseAttentionCall& call) {
+  check_cuda_tensor(call.query, "query");
+  check_cuda_head_dim(call.query.size(3));
+  S2O_CHECK(call.block_n == kCudaBlockN, "the CUDA kernel takes block_n=", kCudaBlockN, ", got ",
+            call.block_n);
+  const int64_t unit_rows = call.units.unit_heads * call.block_m;
+  S2O_CHECK(unit_rows <= kCudaMaxUnitRows, "the CUDA kernel takes work units of at most ",
+            kCudaMaxUnitRows, " rows: block_m (", call.block_m, ") x query heads per unit (",
+            call.units.unit_heads, ") = ", unit_rows);
+  const c10::cuda::CUDAGuard guard(call.query.device());
+  const at::Tensor query = with_aligned_rows(call.query), key = with_aligned_rows(call.key),
+                   value = with_aligned_rows(call.value);
   SparseAttentionParams p{};
   p.batch = int(query.size(0));
   p.q_heads = int(query.size(1));
   p.kv_heads = int(key.size(1));
-  p.group = int(group);
-  p.ordering_heads = int(args.ordering_heads);
-  p.unit_heads = int(unit_heads);
-  p.units = int(args.units.units);
-  p.block_m = int(block_m);
-  p.num_q_tiles = int(ceil_div(layout.num_queries, block_m));
-  p.layout = layout;
-  p.order_per_kv_head = order_per_kv_head;
-  p.scale_log2 = float(resolve_scale(scale, head_dim) * M_LOG2E);
-  p.threshold = float(threshold);
-  p.tail_threshold = tail_threshold_or_inf(tail_threshold);
-  p.unit_threshold =
-      unit_threshold_c.defined() ? unit_threshold_c.const_data_ptr<float>() : nullptr;
-  p.patience = int(patience);
+  p.group = p.q_heads / p.kv_heads;
+  p.ordering_heads = int(call.ordering_heads);
+  p.unit_heads = int(call.units.unit_heads);
+  p.units = int(call.units.units);
+  p.block_m = int(call.block_m);
+  p.num_q_tiles = int(call.num_q_tiles);
+  p.layout = call.layout;
+  p.order_per_kv_head = call.order_per_kv_head;
+  p.scale_log2 = float(call.scale * M_LOG2E);
+  p.threshold = call.threshold;
+  p.tail_threshold = call.tail_threshold;
+  p.unit_threshold = call.unit_threshold;
+  p.patience = int(call.patience);
   p.query = query.data_ptr();
   p.key = key.data_ptr();
   p.value = value.data_ptr();
-  p.indices = indices_c.const_data_ptr<int32_t>();
+  p.indices = call.indices.const_data_ptr<int32_t>();
   p.q_strides = strides_of(query);
   p.k_strides = strides_of(key);
   p.v_strides = strides_of(value);
-
-  at::Tensor out = at::empty(query.sizes(), query.options());
-  at::Tensor lse = at::empty({p.batch, p.q_heads, layout.num_queries}, query.options().dtype(at::kFloat));
-  at::Tensor tile_counts =
-      at::empty({p.batch, p.units, p.num_q_tiles}, query.options().dtype(at::kInt));
-  p.out = out.data_ptr();
-  p.lse = lse.mutable_data_ptr<float>();
-  p.tile_counts = tile_counts.mutable_data_ptr<int32_t>();
+  p.out = call.out.data_ptr();
+  p.lse = call.lse.mutable_data_ptr<float>();
+  p.tile_counts = call.tile_counts.mutable_data_ptr<int32_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t head_dim = query.size(3);
 
   const bool wgmma = use_wgmma_kernel(query.device().index());
   S2O_DISPATCH_CUDA_ELEMENT(query.scalar_type(), "sparse_attention", [&] {
     S2O_DISPATCH_HEAD_DIM(head_dim, "sparse_attention", [&] {
-      const bool small_units = unit_heads * block_m <= 64;
+      const bool small_units = unit_rows <= 64;
       if (wgmma && small_units) {
         launch_sparse_attention_sm90<Element, kHeadDim, 64>(p, stream);
       } else if (wgmma) {
@@ -125,11 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_cuda(
       }
     });
   });
-  return {out, lse, tile_counts};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s2o, CUDA, m) { m.impl("sparse_attention", &sparse_attention_cuda); }
+TORCH_LIBRARY_IMPL(s2o, CUDA, m) { m.impl("sparse_attention", &sparse_attention_op<sparse_attention_cuda, Kernels::kCuda>); }
 
 }  // namespace s2o

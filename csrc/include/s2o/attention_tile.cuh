@@ -25,6 +25,17 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
   return y;
 }
 
+// What both kernels' traits share: one thread block computes one work unit of kRows rows.
+template <typename Element_, int kHeadDim_, int kRows_>
+struct AttentionTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kRows = kRows_;         // query rows per block (unit rows, padded)
+  static constexpr int kBlockN = kCudaBlockN;  // keys per tile (the op's block_n)
+  static_assert(kRows == 64 || kRows == 128, "64 or 128 rows per block");
+  static_assert(kRows <= kCudaMaxUnitRows, "a block holds one work unit");
+};
+
 // One thread block's work: block_m query rows of one segment for one query head, or for all G
 // heads of a KV group (group_units), and the key tiles it may visit:
 //   tiles [0, n_local):        the local keys from the segment start, dense, causal mask;
@@ -61,8 +72,13 @@ struct WorkUnit {
     tile_count = p.tile_counts + unit_head * p.num_q_tiles + q_tile;
   }
 
-  // A negative threshold skips the unit: nothing computed, nothing written but its tile count.
-  __device__ __forceinline__ bool skipped() const { return threshold < 0.0f; }
+  // A negative threshold skips the unit: nothing computed, nothing written but its tile count
+  // (0, by thread 0). Uniform over the block, so a kernel returns on it before any barrier.
+  __device__ __forceinline__ bool skip(int tid) const {
+    if (threshold >= 0.0f) return false;
+    if (tid == 0) *tile_count = 0;
+    return true;
+  }
 
   __device__ __forceinline__ bool is_local(int t) const { return t < n_local; }
   // The bar history tile t must reach to keep the unit going (tiles after it: n_tiles - t - 1).
@@ -205,6 +221,90 @@ struct StopVote {
   }
 };
 
+// The loads and the stop vote of a unit's tile loop, the same in both kernels. Index tile u (a
+// history tile) goes to index stage u % kIndexStages, K and V of tile u to stage u % 2 (KvGather).
+// Per tile t: begin_tile waits for tile t's K/V and tile t+1's indices, decides whether tile t-1
+// stopped the unit, and issues tile t+2's indices and tile t+1's K/V (one barrier per tile);
+// end_tile casts the tile's stop vote. kRowPitch: as KvGather's.
+template <typename Element, int kHeadDim, int kBlockN, int kThreads, int kRowPitch>
+struct TilePipeline {
+  static constexpr int kIndexStages = 3;  // index tiles in flight: t+1 in use, t+2 loading
+  static constexpr int kWarps = kThreads / 32;
+  // Shared memory beyond Q and the K/V stages: the index stages, then the votes.
+  static constexpr int kSmemBytes = kIndexStages * kBlockN * 4 + 2 * kWarps * 4;
+  using Gather = KvGather<Element, kHeadDim, kBlockN, kThreads, kRowPitch>;
+
+  const WorkUnit& unit;
+  int32_t* s_index;  // [kIndexStages][kBlockN], followed by the votes
+  Gather gather;
+  StopVote<kWarps> vote;
+  int tid, tiles_done = 0;
+  bool early_stop;
+
+  // s_k, s_v: shared addresses of K and V stage 0; tile_offset: as KvGather's.
+  template <typename TileOffset>
+  __device__ __forceinline__ TilePipeline(const SparseAttentionParams& p, const WorkUnit& unit,
+                                          int b, int tid, uint32_t s_k, uint32_t s_v,
+                                          int32_t* s_index, TileOffset tile_offset)
+      : unit(unit),
+        s_index(s_index),
+        gather(p, unit, b, tid, s_k, s_v, tile_offset),
+        vote(reinterpret_cast<int*>(s_index + kIndexStages * kBlockN)),
+        tid(tid),
+        early_stop(unit.threshold > 0.0f) {}
+
+  __device__ __forceinline__ int32_t* index_tile(int u) const {
+    return s_index + (u % kIndexStages) * kBlockN;
+  }
+  __device__ __forceinline__ void issue_indices(int u) const {
+    unit.issue_index_tile(u, tid, index_tile(u), kBlockN);
+  }
+  __device__ __forceinline__ void issue_kv(int u) const { gather.issue(unit, u, index_tile(u)); }
+
+  // The unit's query rows (q_dst: as WorkUnit::issue_query_rows'), the first two index tiles,
+  // then tile 0's K/V.
+  template <int kRows, typename QDst>
+  __device__ __forceinline__ void start(const SparseAttentionParams& p, int b, QDst q_dst) const {
+    unit.issue_query_rows<Element, kRows, kHeadDim / 8, kThreads>(p, b, tid, q_dst);
+    issue_indices(0);
+    issue_indices(1);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    issue_kv(0);
+    cp_async_commit();
+  }
+
+  // Returns false when tile t - 1 ended the unit. fence: run between the wait and the barrier
+  // (the wgmma kernel orders the gathered tile before its async-proxy reads).
+  template <typename Fence>
+  __device__ __forceinline__ bool begin_tile(int t, int patience, Fence fence) {
+    cp_async_wait<0>();
+    fence();
+    __syncthreads();
+    if (early_stop && t > unit.n_local && vote.stops(t, patience)) return false;
+    issue_indices(t + 2);
+    issue_kv(t + 1);
+    cp_async_commit();
+    return true;
+  }
+
+  // After tile t's products: its stop vote (history tiles), from the thread's rows.
+  template <typename Rows>
+  __device__ __forceinline__ void end_tile(int t, const Rows& rows, float tail_threshold) {
+    if (early_stop && !unit.is_local(t)) {
+      vote.cast(t, tid / 32, tid % 32, rows.loud(unit.stop_threshold(t, tail_threshold)));
+    }
+    tiles_done = t + 1;
+  }
+
+  // After the loop: no copy left in flight; the unit's tile count.
+  __device__ __forceinline__ void finish() const {
+    cp_async_wait<0>();
+    if (tid == 0) *unit.tile_count = tiles_done;
+  }
+};
+
 // Scales the scores of one 16-row fragment to the log2 domain and masks, per row x, the columns
 // after last_key[x] to -inf.
 template <int kCols>
@@ -281,19 +381,130 @@ __device__ __forceinline__ bool row_is_loud(float tile_gain, float row_mass, flo
   return row_mass > 0.0f && tile_gain >= threshold * row_mass;
 }
 
-// Writes this thread's row x of a 16-row output fragment o (D columns): out = O / mass, and the
-// row's log-sum-exp (natural log).
-template <typename Element, int D>
-__device__ __forceinline__ void store_row(Element* out_row, float* lse, const float (&o)[D / 8][4],
-                                          int x, float row_max, float row_mass, int lane) {
-  const float inv_mass = 1.0f / row_mass;
-  Element* dst = out_row + 2 * (lane % 4);
+// The query rows one thread holds in the m16n8 fragment layout and their online softmax state:
+// in each of kMTiles 16-row tiles from block row first_row, rows lane / 4 (x = 0) and
+// lane / 4 + 8 (x = 1). Per tile: begin_tile, then softmax on each group of kCols scores.
+template <int kMTiles, int kHeadDim>
+struct ThreadRows {
+  float o[kMTiles][kHeadDim / 8][4];  // unnormalised output, the accumulator layout
+  float row_max[kMTiles][2];          // running max, log2 domain
+  float row_mass[kMTiles][2];         // softmax mass in the running max's frame
+  float tile_gain[kMTiles][2];        // the current tile's mass, same frame
+  int offset[kMTiles][2];  // row position relative to the segment start (local causal mask)
+  uint32_t valid = 0;      // bit 2 m + x: a real row (not padding)
+  int first_row, lane;
+
+  __device__ __forceinline__ ThreadRows(const SparseAttentionParams& p, const WorkUnit& unit,
+                                        int first_row, int lane)
+      : first_row(first_row), lane(lane) {
+    const int tile_row_offset = int(unit.row_begin - unit.segment * p.layout.segment_size);
 #pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    *reinterpret_cast<uint32_t*>(dst + dn * 8) =
-        pack2<Element>(o[dn][2 * x] * inv_mass, o[dn][2 * x + 1] * inv_mass);
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        offset[m][x] = tile_row_offset + row(m, x) % p.block_m;
+        if (unit.row_valid(row(m, x), p.block_m)) valid |= 1u << (2 * m + x);
+        row_max[m][x] = -INFINITY;
+        row_mass[m][x] = 0.0f;
+      }
+#pragma unroll
+      for (int dn = 0; dn < kHeadDim / 8; ++dn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[m][dn][e] = 0.0f;
+      }
+    }
   }
-  if (lane % 4 == 0) *lse = (row_max + log2f(row_mass)) * 0.69314718055994531f;
-}
+
+  // Block row of row x of m-tile m.
+  __device__ __forceinline__ int row(int m, int x) const { return first_row + m * 16 + lane / 4 + 8 * x; }
+  __device__ __forceinline__ bool is_valid(int m, int x) const {
+    return (valid >> (2 * m + x)) & 1u;
+  }
+
+  __device__ __forceinline__ void begin_tile() {
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) tile_gain[m][0] = tile_gain[m][1] = 0.0f;
+  }
+
+  // The online softmax over columns [col0, col0 + kCols) of tile t (kBlockN keys), s holding each
+  // m-tile's raw scores Q K^T; s holds the probabilities after. Full history tiles, the common
+  // case, keep raw scores and fold the scale into the exponent's fma. Tiles that need a mask
+  // (keys past the tile's end; on local tiles, keys after the row's position) are scaled first
+  // and masked to -inf, as are all tiles when the scale is not positive (the max of raw scores
+  // would not be the max of scaled ones).
+  template <int kCols, int kBlockN>
+  __device__ __forceinline__ void softmax(float (&s)[kMTiles][kCols / 8][4], const WorkUnit& unit,
+                                          int t, int col0, float scale_log2) {
+    const bool local = unit.is_local(t);
+    const int valid_keys = unit.tile_keys(t, kBlockN);
+    const bool prescale = local || valid_keys < kBlockN || !(scale_log2 > 0.0f);
+    const float score_scale = prescale ? 1.0f : scale_log2;
+    if (prescale) {
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m) {
+        int last_key[2];  // of these columns; later ones are masked
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const int own = local ? offset[m][x] - t * kBlockN : kBlockN;
+          last_key[x] = min(own, valid_keys - 1) - col0;
+        }
+        mask_scores<kCols>(s[m], last_key, 2 * (lane % 4), scale_log2);
+      }
+    }
+    float alpha[kMTiles][2];
+    bool max_moved = false;
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+      max_moved |= online_softmax<kCols>(s[m], row_max[m], row_mass[m], tile_gain[m], alpha[m],
+                                         score_scale);
+    }
+    // Visited in falling importance, later tiles rarely raise a row's max: then alpha is exactly
+    // 1 for all of the warp's rows and the output needs no rescaling.
+    if (__any_sync(0xffffffff, max_moved)) {
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+        for (int dn = 0; dn < kHeadDim / 8; ++dn)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[m][dn][e] *= alpha[m][e / 2];
+    }
+  }
+
+  // The stop test on the whole tile: whether a real row got at least `bar` of its mass from it.
+  __device__ __forceinline__ bool loud(float bar) const {
+    bool any = false;
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int x = 0; x < 2; ++x) any |= is_valid(m, x) && row_is_loud(tile_gain[m][x], row_mass[m][x], bar);
+    }
+    return any;
+  }
+
+  // Writes the real rows to out [B, Hq, Nq, D] (out = O / mass) and their log-sum-exp (natural
+  // log) to lse, for batch entry b.
+  template <typename Element>
+  __device__ __forceinline__ void store(const SparseAttentionParams& p, const WorkUnit& unit,
+                                        int b) const {
+#pragma unroll
+    for (int m = 0; m < kMTiles; ++m) {
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        if (!is_valid(m, x)) continue;
+        const int64_t out_row = unit.out_row(p, b, row(m, x));
+        const float inv_mass = 1.0f / row_mass[m][x];
+        Element* dst = static_cast<Element*>(p.out) + out_row * kHeadDim + 2 * (lane % 4);
+#pragma unroll
+        for (int dn = 0; dn < kHeadDim / 8; ++dn) {
+          *reinterpret_cast<uint32_t*>(dst + dn * 8) =
+              pack2<Element>(o[m][dn][2 * x] * inv_mass, o[m][dn][2 * x + 1] * inv_mass);
+        }
+        if (lane % 4 == 0) {
+          p.lse[out_row] = (row_max[m][x] + log2f(row_mass[m][x])) * 0.69314718055994531f;
+        }
+      }
+    }
+  }
+};
 
 }  // namespace s2o

@@ -67,14 +67,13 @@ struct CountingRank {
   // padding word after each run puts the runs' starts in distinct banks.
   static constexpr int kRun = kCounters / kThreads;
   static constexpr int kRunBins = kRun / kWarps;
-  // Shared memory, in words: the counters (padded); per warp its total in the scan and its tail
-  // size; one scratch word per thread, the target of the shared atomics of lanes with nothing to
-  // claim (so every atomic is issued by the whole warp without a branch); per warp the staged prefix
-  // keys of a batch, (bin << kOffsetBits) | offset in the batch.
+  // Shared memory, in words: the counters (padded); per warp its total in the scan; one scratch
+  // word per thread, the target of the shared atomics of lanes with nothing to claim (so every
+  // atomic is issued by the whole warp without a branch); per warp the staged prefix keys of a
+  // batch, (bin << kOffsetBits) | offset in the batch.
   static constexpr int kOffsetBits = 9;
   static constexpr int kWarpTotalsOffset = kCounters + kCounters / kRun;
-  static constexpr int kWarpTailsOffset = kWarpTotalsOffset + kWarps;
-  static constexpr int kScratchOffset = kWarpTailsOffset + kWarps;
+  static constexpr int kScratchOffset = kWarpTotalsOffset + kWarps;
   static constexpr int kStageOffset = kScratchOffset + kThreads;
   static constexpr int kSmemWords = kStageOffset + kWarps * kStride;
   static constexpr int kSmemBytes = kSmemWords * int(sizeof(uint32_t));
@@ -108,7 +107,6 @@ __global__ void __launch_bounds__(CountingRank::kThreads)
   constexpr int kStride = C::kStride;
   extern __shared__ uint32_t counters[];
   uint32_t* warp_totals = counters + C::kWarpTotalsOffset;
-  uint32_t* warp_tails = counters + C::kWarpTailsOffset;
   // Later segments have longer histories when causal: start them first, for all heads.
   const int64_t s = layout.num_segments() - 1 - blockIdx.y;
   const int64_t history = layout.history_length(s);
