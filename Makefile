@@ -17,7 +17,7 @@ demo: build
 	$(PY) -m s2o.demo
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests benchmarks/tests
 
 build: $(VENV)/.built
 

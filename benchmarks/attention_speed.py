@@ -31,12 +31,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import s2o
 from benchmarks.common import (
+    add_threshold_argument,
     benchmark_config,
     dense_reference,
     median_ms,
     parse_config_overrides,
-    print_header,
-    run_header,
+    print_run_header,
     write_csv,
     write_json,
 )
@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=0, help="timed runs (0: by length)")
     parser.add_argument("--flex-max", type=int, default=65536, help="longest length for flex")
-    parser.add_argument("--threshold", type=float, help="s2o row's threshold (default: config's)")
+    add_threshold_argument(parser)
     parser.add_argument("--ranked-keys", type=int, help="s2o row's ranked_keys (default: config's)")
     parser.add_argument(
         "--s2o-variants",
@@ -308,9 +308,7 @@ def main() -> None:
     # that every s2o row took the sparse path.
     ranked = {} if args.ranked_keys is None else {"ranked_keys": args.ranked_keys}
     config = benchmark_config(args.threshold, **ranked)
-    header = run_header("cuda")
-    header["config"] = str(config)
-    print_header(header)
+    header = print_run_header("cuda", config=str(config))
     rows = run(args, config)
     print_summary(rows)
     write_json(args.out / "attention_speed.json", {"header": header, "rows": rows})

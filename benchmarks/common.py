@@ -3,6 +3,7 @@ header, result files and the texts."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -71,24 +72,27 @@ def parse_config_overrides(spec: str) -> dict:
     return overrides
 
 
+def add_threshold_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threshold``, for ``benchmark_config(args.threshold)`` (None when not given)."""
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="s2o threshold, the tail threshold in proportion (default: S2OConfig's)",
+    )
+
+
+def _git(*args: str) -> str:
+    """Output of a git command in the repository, stripped; raises when git fails."""
+    git = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return git.stdout.strip()
+
+
 def git_revision() -> str:
     """Short hash of HEAD, with ``+dirty`` when the working tree has changes; ``unknown`` outside
     a git checkout."""
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        rev = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")
@@ -111,9 +115,13 @@ def run_header(device: torch.device | str) -> dict[str, str]:
     return header
 
 
-def print_header(header: dict[str, str]) -> None:
+def print_run_header(device: torch.device | str, **extra: str) -> dict[str, str]:
+    """Prints the run header (run_header) with ``extra`` entries after it, one ``# key: value``
+    line each, before a run's output; returns it to store with the results."""
+    header = {**run_header(device), **extra}
     for key, value in header.items():
         print(f"# {key}: {value}")
+    return header
 
 
 def _plain(value):

@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import platform
@@ -59,20 +60,32 @@ from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
 from transformers.masking_utils import AttentionMaskInterface
 
 import s2o
-from benchmarks.common import Interval, benchmark_config, git_revision
+from benchmarks.common import (
+    Interval,
+    add_threshold_argument,
+    benchmark_config,
+    git_revision,
+    median_ms,
+)
 from s2o import S2OConfig
 from s2o.data import structured_qkv
 from s2o.integrations import transformers as s2o_hf
 
-# Llama-3.1-8B's published config.json (meta-llama/Llama-3.1-8B).
-LLAMA_3_1_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=128256,
+# Llama-3.1-8B's published config.json (meta-llama/Llama-3.1-8B), and the same architecture scaled
+# down for --tiny (CPU check of the script): the sizes and token ids as (Llama-3.1-8B, tiny), then
+# what both share.
+SIZES = {
+    "hidden_size": (4096, 256),
+    "intermediate_size": (14336, 512),
+    "num_hidden_layers": (32, 2),
+    "num_attention_heads": (32, 8),
+    "num_key_value_heads": (8, 2),
+    "head_dim": (128, 32),
+    "vocab_size": (128256, 1000),
+    "bos_token_id": (128000, 1),
+    "eos_token_id": (128001, 2),
+}
+ARCHITECTURE = dict(
     max_position_embeddings=131072,
     rms_norm_eps=1e-5,
     rope_parameters=dict(
@@ -84,24 +97,9 @@ LLAMA_3_1_8B = dict(
         original_max_position_embeddings=8192,
     ),
     tie_word_embeddings=False,
-    bos_token_id=128000,
-    eos_token_id=128001,
 )
-# The same architecture scaled down for --tiny (CPU check of the script).
-TINY = {
-    **LLAMA_3_1_8B,
-    **dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=32,
-        vocab_size=1000,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-}
+LLAMA_3_1_8B = {**ARCHITECTURE, **{key: full for key, (full, _) in SIZES.items()}}
+TINY = {**ARCHITECTURE, **{key: tiny for key, (_, tiny) in SIZES.items()}}
 LENGTHS = (32768, 65536, 131072)
 TINY_LENGTHS = (512, 1024)
 CHECK_LENGTH = 8192  # prompt length of the correctness check
@@ -215,6 +213,14 @@ def head_shape(config) -> tuple[int, int, int]:
     return config.num_attention_heads, config.num_key_value_heads, head_dim
 
 
+def model_shaped_qkv(length: int, model_config, device: torch.device, dtype: torch.dtype):
+    """``s2o.data.structured_qkv`` of ``length`` tokens at the model's head shape."""
+    q_heads, kv_heads, head_dim = head_shape(model_config)
+    return structured_qkv(
+        length, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, device=device
+    )
+
+
 def load_model(args, device: torch.device, dtype: torch.dtype):
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(
@@ -285,15 +291,7 @@ def check_correctness(model, bench, backends, config, args, device, dtype) -> di
                 errors[f"logits {backend.name} vs {reference_backend.name}"] = relative_error(
                     logits, expected
                 )
-    q_heads, kv_heads, head_dim = head_shape(model.config)
-    q, k, v = structured_qkv(
-        args.check_length,
-        q_heads=q_heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        dtype=dtype,
-        device=device,
-    )
+    q, k, v = model_shaped_qkv(args.check_length, model.config, device, dtype)
     with torch.inference_mode():
         out = s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=exact)
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -310,10 +308,7 @@ def check_correctness(model, bench, backends, config, args, device, dtype) -> di
 def time_structured_attention(length, model_config, config, args, device, dtype) -> dict:
     """s2o.attention on structured data at the model's head shape: median ms per call, density,
     relative L2 error vs dense SDPA."""
-    q_heads, kv_heads, head_dim = head_shape(model_config)
-    q, k, v = structured_qkv(
-        length, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, device=device
-    )
+    q, k, v = model_shaped_qkv(length, model_config, device, dtype)
     with torch.inference_mode():
         out, stats = s2o.attention(
             q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
@@ -321,15 +316,9 @@ def time_structured_attention(length, model_config, config, args, device, dtype)
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         error = relative_error(out, dense)
         del out, dense
-        times = []
-        for run in range(args.warmup + args.repeats):
-            interval = Interval(device)
-            interval.start()
-            s2o.attention(q, k, v, is_causal=True, enable_gqa=True, config=config)
-            interval.stop()
-            if run >= args.warmup:
-                times.append(interval.ms())
-    return dict(ms=statistics.median(times), density=stats.density, rel_error=error)
+        call = functools.partial(s2o.attention, is_causal=True, enable_gqa=True, config=config)
+        ms = median_ms(call, (q, k, v), warmup=args.warmup, repeats=args.repeats, device=device)
+    return dict(ms=ms, density=stats.density, rel_error=error)
 
 
 def time_prefill(model, bench, backend, input_ids, args, device) -> dict:
@@ -467,11 +456,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="--tiny on the CPU, 2 repeats")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        help="s2o threshold, the tail threshold in proportion (default: S2OConfig's)",
-    )
+    add_threshold_argument(parser)
     parser.add_argument("--check-length", type=int, help="prompt length of the correctness check")
     parser.add_argument("--out", type=Path, help="directory for e2e_prefill.csv / .json")
     args = parser.parse_args(argv)

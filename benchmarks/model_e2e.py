@@ -54,8 +54,7 @@ from benchmarks.common import (
     benchmark_texts,
     markdown_table,
     parse_config_overrides,
-    print_header,
-    run_header,
+    print_run_header,
     write_csv,
     write_json,
 )
@@ -504,11 +503,12 @@ def main(argv=None) -> None:
     loaded = benchmark_texts(args.texts, args.text_file)
     named_texts = {name: text for name, (text, _) in loaded.items()}
     first = next(iter(named_texts))
-    header = run_header("cpu")
-    header["model"] = f"{models.SMOLLM2_GGUF} ({models.SMOLLM2_PACKAGE} {models.SMOLLM2_VERSION})"
-    header["s2o_config"] = str(config)
-    header["texts"] = "; ".join(f"{name}: {source}" for name, (_, source) in loaded.items())
-    print_header(header)
+    header = print_run_header(
+        "cpu",
+        model=f"{models.SMOLLM2_GGUF} ({models.SMOLLM2_PACKAGE} {models.SMOLLM2_VERSION})",
+        s2o_config=str(config),
+        texts="; ".join(f"{name}: {source}" for name, (_, source) in loaded.items()),
+    )
 
     dtype = torch.float32
     results = {task: [] for task in TASKS}

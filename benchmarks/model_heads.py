@@ -34,8 +34,7 @@ from benchmarks.common import (
     REPO_ROOT,
     benchmark_texts,
     markdown_table,
-    print_header,
-    run_header,
+    print_run_header,
     write_csv,
     write_json,
 )
@@ -220,8 +219,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_float32_matmul_precision("highest")
-    header = run_header("cpu")
-    print_header(header)
+    header = print_run_header("cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     runs, failures, loaded = [], [], {}
     for length in args.lengths:

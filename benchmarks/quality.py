@@ -48,8 +48,7 @@ from benchmarks.common import (
     benchmark_config,
     markdown_table,
     parse_config_overrides,
-    print_header,
-    run_header,
+    print_run_header,
     write_csv,
     write_json,
 )
@@ -387,8 +386,7 @@ def main(argv=None) -> int:
     # The fp32 reference and the baselines' matmuls must be true fp32 (no TF32 on GPUs).
     torch.set_float32_matmul_precision("highest")
     wall = time.perf_counter()
-    header = run_header(args.device)
-    print_header(header)
+    header = print_run_header(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     failures, files, lengths, extra = [], [], [], {}
 

@@ -20,8 +20,7 @@ from benchmarks.common import (
     benchmark_config,
     dense_reference,
     parse_config_overrides,
-    print_header,
-    run_header,
+    print_run_header,
     write_json,
 )
 from s2o import data
@@ -39,8 +38,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("results/sweep"))
     args = parser.parse_args()
-    header = run_header("cuda")
-    print_header(header)
+    header = print_run_header("cuda")
     rows = []
     for n in args.lengths:
         q, k, v = data.structured_qkv(n, dtype=torch.bfloat16, device="cuda")

@@ -1,4 +1,5 @@
-"""Shared fixtures: devices, per-dtype tolerances, and input builders with fresh random data."""
+"""Shared fixtures: devices, per-dtype tolerances, input builders with fresh random data, and small
+transformers models."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from s2o.layout import SegmentLayout
 from s2o.plan import Plan
@@ -161,3 +163,38 @@ def run_pipeline(case: Case, q, k, v, **knobs):
     """The three ops in sequence with ``case_plan(case, **knobs)``; returns (scores, indices,
     (out, lse, tile_counts))."""
     return case_plan(case, **knobs).run(q, k, v)
+
+
+def tiny_model_config(kind: str = "llama", *, hidden_size: int = 128, **overrides):
+    """The transformers config of a small Llama-architecture model to initialise randomly
+    (``kind``: "llama" or "qwen2"): GQA with 4 query heads and 2 KV heads of dimension
+    hidden_size / 4, an MLP twice as wide as the hidden size, then ``overrides``."""
+    import transformers
+
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
+    return config_class(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        **overrides,
+    )
+
+
+def assert_reproduces_layer_output(model, layer: int, captured, output, *, rtol: float):
+    """Captured post-RoPE Q/K/V of a Llama attention layer (s2o.capture), through causal SDPA and
+    the layer's o_proj, give the output of its attention module, ``output`` [B, N, hidden]."""
+    attention = F.scaled_dot_product_attention(
+        captured.query,
+        captured.key,
+        captured.value,
+        is_causal=True,
+        enable_gqa=True,
+        scale=captured.scale,
+    )  # [B, Hq, N, D]
+    batch, heads, length, head_dim = attention.shape
+    projected = model.model.layers[layer].self_attn.o_proj(
+        attention.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    )
+    torch.testing.assert_close(projected, output, atol=1e-5, rtol=rtol)

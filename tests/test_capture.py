@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+from .conftest import assert_reproduces_layer_output, tiny_model_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,12 +15,9 @@ NUM_LAYERS = 3
 
 
 def _tiny_llama(attn_implementation: str):
-    config = transformers.LlamaConfig(
+    config = tiny_model_config(
         hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=101,
         max_position_embeddings=256,
         attn_implementation=attn_implementation,
@@ -53,13 +51,7 @@ def test_captured_qkv_reproduce_the_layer_output(attn_implementation):
         assert c.query.shape == (2, 4, 37, 16)
         assert c.key.shape == c.value.shape == (2, 2, 37, 16)
         assert c.scale == pytest.approx(16**-0.5)
-        attention = F.scaled_dot_product_attention(
-            c.query, c.key, c.value, is_causal=True, enable_gqa=True, scale=c.scale
-        )
-        projected = model.model.layers[layer].self_attn.o_proj(
-            attention.transpose(1, 2).reshape(2, 37, 64)
-        )
-        torch.testing.assert_close(projected, outputs[layer], atol=1e-5, rtol=1e-5)
+        assert_reproduces_layer_output(model, layer, c, outputs[layer], rtol=1e-5)
 
 
 def test_query_and_key_are_post_rope():

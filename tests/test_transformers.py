@@ -8,14 +8,11 @@ prompts of a few hundred tokens take the sparse path over several segments.
 import pytest
 import torch
 
+from .conftest import tiny_model_config
+
 pytest.importorskip("transformers")
 
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    DynamicCache,
-    LlamaConfig,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 from transformers.masking_utils import (  # noqa: E402
     ALL_MASK_ATTENTION_FUNCTIONS,
     causal_mask_function,
@@ -37,18 +34,7 @@ ATOL, RTOL = 1e-4, 1e-4
 
 
 def _model_config(kind="llama"):
-    shape = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        vocab_size=VOCAB,
-    )
-    if kind == "qwen2":
-        return Qwen2Config(**shape)
-    return LlamaConfig(**shape)
+    return tiny_model_config(kind, num_hidden_layers=NUM_LAYERS, vocab_size=VOCAB)
 
 
 def _models(*implementations, kind="llama"):
@@ -92,14 +78,21 @@ def test_s2o_is_registered_for_from_pretrained_and_set_attn_implementation(tmp_p
         assert len(recorder.sparse_calls) == NUM_LAYERS
 
 
-def test_prefill_logits_match_sdpa_at_threshold_zero():
-    s2o_hf.set_config(EXACT_STRICT)  # any dense fallback would raise
+def _prefill_matches_sdpa(length: int) -> s2o_hf.AttentionRecorder:
+    """One prefill of a random prompt of ``length`` tokens with s2o and with sdpa (same weights):
+    asserts that the logits match, returns what the s2o calls recorded."""
     s2o_model, sdpa_model = _models("s2o", "sdpa")
-    prompt = _prompt(300)
+    prompt = _prompt(length)
     with s2o_hf.record_stats() as recorder, torch.no_grad():
         logits = s2o_model(prompt).logits
         expected = sdpa_model(prompt).logits
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
+    return recorder
+
+
+def test_prefill_logits_match_sdpa_at_threshold_zero():
+    s2o_hf.set_config(EXACT_STRICT)  # any dense fallback would raise
+    recorder = _prefill_matches_sdpa(300)
     assert [call.path for call in recorder.calls] == ["sparse"] * NUM_LAYERS
     assert [call.layer_idx for call in recorder.calls] == list(range(NUM_LAYERS))
     assert all(call.num_queries == call.num_keys == 300 for call in recorder.calls)
@@ -123,12 +116,7 @@ def test_greedy_generation_matches_sdpa_at_threshold_zero():
 
 def test_short_prompts_take_the_dense_route():
     s2o_hf.set_config(S2OConfig())  # the default min_keys (16384): a 100-token prompt is short
-    s2o_model, sdpa_model = _models("s2o", "sdpa")
-    prompt = _prompt(100)
-    with s2o_hf.record_stats() as recorder, torch.no_grad():
-        logits = s2o_model(prompt).logits
-        expected = sdpa_model(prompt).logits
-    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=RTOL)
+    recorder = _prefill_matches_sdpa(100)
     assert recorder.dense_reasons() == {"short": NUM_LAYERS}
 
 

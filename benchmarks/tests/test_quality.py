@@ -14,6 +14,7 @@ import s2o
 from benchmarks import ablations, baselines, inputs, matching, quality, s2o_curve
 from benchmarks.common import benchmark_config
 from s2o.plan import Plan
+from tests.conftest import tiny_model_config
 
 
 def _causal_softmax_reference(q, k, v, allowed_keys):
@@ -245,15 +246,8 @@ def _save_tiny_llama(directory):
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", unk_token="[UNK]"
     ).save_pretrained(directory)
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        vocab_size=len(vocab),
-        max_position_embeddings=1024,
+    config = tiny_model_config(
+        num_hidden_layers=2, vocab_size=len(vocab), max_position_embeddings=1024
     )
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
 
