@@ -51,6 +51,8 @@ def ablation_variants(group_size: int = 4) -> list[Variant]:
         *knob("block_m", (16, 32, 64)),
         Variant("representative", "head-max", representative="head-max"),
         Variant("representative", "sub-mean-max", representative="sub-mean-max"),
+        # Not an estimate: each key's true mass over the segment, the bound of any ranking.
+        Variant("representative", "true mass (oracle)", representative="true-mass"),
     ]
 
 

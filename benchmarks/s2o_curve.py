@@ -106,7 +106,9 @@ def alternative_scores(
 
     ``representative``: ``mean`` (one plain mean: the op's ranking), ``head-max`` (the mean of
     each query head of the ordering unit), ``sub-mean-max`` (``sub_segments`` means of
-    consecutive rows per query head). With ``config.score_variance`` > 0 each representative's
+    consecutive rows per query head), ``true-mass`` (no estimate: each key's true softmax mass
+    summed over the segment's rows and heads, an oracle that bounds what any segment ranking
+    can reach). With ``config.score_variance`` > 0 each representative's
     scores add the op's variance term over its own rows. Returns scores [B, H_ord, T] fp32 in
     the layout of ``s2o.estimate_importance``.
     """
@@ -126,6 +128,12 @@ def alternative_scores(
             continue
         rows = query[:, :, layout.segment_rows(s)].float()  # [B, Hq, R, D]
         rows = rows.reshape(batch, ordering_heads, heads_per_unit, rows.shape[2], dim)
+        offset = layout.history_offset(s)
+        if representative == "true-mass":
+            scores[:, :, offset : offset + history] = _true_history_mass(
+                rows, keys, layout.segment_rows(s), history, scale
+            )
+            continue
         # Each representative's rows: parts of [B, H_ord, representatives, rows, D].
         if representative == "mean":
             parts = [rows.flatten(2, 3)[:, :, None]]
@@ -149,9 +157,20 @@ def alternative_scores(
             logits = (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
         else:  # unscaled like the op's, so that rank_bits < 32 cuts the same bits
             logits = logits[:, :, 0]
-        offset = layout.history_offset(s)
         scores[:, :, offset : offset + history] = logits
     return scores
+
+
+def _true_history_mass(rows, keys, row_range: range, history: int, scale: float):
+    """Each history key's softmax mass summed over a segment's rows (causal, positions
+    ``row_range``) and the heads of its ordering unit: rows [B, H_ord, heads, R, D], keys
+    [B, H_ord, N, D] fp32 -> [B, H_ord, history]."""
+    last = row_range.stop
+    logits = torch.einsum("bhgrd,bhkd->bhgrk", rows, keys[:, :, :last]) * scale
+    positions = torch.arange(row_range.start, last, device=rows.device)
+    after_row = torch.arange(last, device=rows.device)[None, :] > positions[:, None]
+    probs = torch.softmax(logits.masked_fill(after_row, float("-inf")), dim=-1)
+    return probs[..., :history].sum(dim=(2, 3))
 
 
 def attention_with_representative(
