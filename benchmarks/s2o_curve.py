@@ -65,6 +65,7 @@ def s2o_curve(
     attention ops on those scores."""
     reference_sq = float(reference.double().square().sum())
     points = []
+    indices = None  # with a representative: its ranking, the same at every threshold
     for threshold in thresholds:
         config = benchmark_config(threshold, sparse_pass_only=True, **config_overrides)
         if representative is None:
@@ -81,8 +82,8 @@ def s2o_curve(
             tile_counts = stats.tile_counts
             tiles_per_head = stats.dense_tiles / (tile_counts.shape[0] * tile_counts.shape[1])
         else:
-            out, tile_counts, tiles_per_head = attention_with_representative(
-                inputs, config, representative
+            out, tile_counts, tiles_per_head, indices = attention_with_representative(
+                inputs, config, representative, indices
             )
         points.append(
             _s2o_point(name, threshold, out, reference, reference_sq, tile_counts, tiles_per_head)
@@ -174,13 +175,15 @@ def _true_history_mass(rows, keys, row_range: range, history: int, scale: float)
 
 
 def attention_with_representative(
-    inputs: Inputs, config: s2o.S2OConfig, representative: str
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+    inputs: Inputs, config: s2o.S2OConfig, representative: str, indices: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """s2o with Python-computed scores: (out [B, Hq, N, D], tile_counts [B, H_ord, query tiles],
-    dense tiles of one ordering head)."""
+    dense tiles of one ordering head, the ranked indices). ``indices``: a ranking computed
+    earlier with the same ranking knobs, reused instead of scoring again."""
     q, k, v = inputs.query, inputs.key, inputs.value
     plan = Plan.for_call(config, q.shape, k.shape, is_causal=True, scale=inputs.scale)
-    scale = softmax_scale(q.shape[-1], inputs.scale)
-    indices = plan.permute(alternative_scores(q, k, config, representative, scale))
+    if indices is None:
+        scale = softmax_scale(q.shape[-1], inputs.scale)
+        indices = plan.permute(alternative_scores(q, k, config, representative, scale))
     out, _, tile_counts = plan.attend(q, k, v, indices)
-    return out, tile_counts, plan.dense_tiles()
+    return out, tile_counts, plan.dense_tiles(), indices
