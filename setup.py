@@ -135,6 +135,16 @@ def extension():
     )
 
 
+def record_build_torch() -> None:
+    """Writes s2o/_build_torch.py: the torch this build compiles against, named by a failed
+    `import s2o` (an isolated pip build compiles against a torch of its own)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "s2o", "_build_torch.py"), "w") as f:
+        f.write(f"# Written by setup.py.\nTORCH_VERSION = {torch.__version__!r}\n")
+
+
+record_build_torch()
+
 setup(
     packages=find_packages(include=["s2o", "s2o.*"]),
     ext_modules=[extension()],

@@ -57,14 +57,15 @@ def causal_flops(n: int) -> float:
     return 4.0 * Q_HEADS * HEAD_DIM * n * (n + 1) / 2
 
 
-def make_inputs(kind: str, n: int, seed: int = 0):
+def make_inputs(kind: str, n: int, seed: int = 0, device: str = "cuda", dtype=torch.bfloat16):
+    """q, k, v of the package's structured data or of plain random data, at the shape above."""
     if kind == "structured":
-        return data.structured_qkv(n, dtype=torch.bfloat16, device="cuda", seed=seed)
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(1, Q_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
-    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
-    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", generator=g).bfloat16()
-    return q, k, v
+        return data.structured_qkv(n, dtype=dtype, device=device, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(
+        torch.randn(1, heads, n, HEAD_DIM, device=device, generator=g).to(dtype)
+        for heads in (Q_HEADS, KV_HEADS, KV_HEADS)
+    )
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:

@@ -6,7 +6,7 @@
 
 import torch  # noqa: F401  (first: loads the libraries s2o._C links against)
 
-from . import _C  # noqa: F401  (registers the ops and their kernels)
+from . import _extension  # noqa: F401  (loads s2o._C: registers the ops and their kernels)
 from .attention import S2OErrorBudgetError, S2OFallbackError, S2OStats, attention, patch_sdpa
 from .config import S2OConfig
 from .integrations import patch_llama  # imports transformers only when called

@@ -316,3 +316,17 @@ def test_ranked_keys_follows_the_threshold():
     assert S2OConfig(threshold=0.004, block_n=32).resolve_ranked_keys() == 8192
     assert S2OConfig(threshold=0.1, ranked_keys=0).resolve_ranked_keys() == 0
     assert S2OConfig(ranked_keys=1000).resolve_ranked_keys() == 1000
+
+
+def test_an_extension_that_does_not_load_says_how_to_rebuild(monkeypatch):
+    """An extension built against another torch fails to load (e.g. libc10_cuda.so missing after
+    an isolated pip build): the error names both torches and the rebuild command."""
+    import sys
+
+    from s2o import _extension
+
+    monkeypatch.delattr(s2o, "_C")
+    monkeypatch.setitem(sys.modules, "s2o._C", None)  # importing it now raises ImportError
+    rebuild = r"(?s)built against torch .*pip install --no-build-isolation -e \."
+    with pytest.raises(ImportError, match=rebuild):
+        _extension.load()

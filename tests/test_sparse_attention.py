@@ -284,3 +284,40 @@ def test_unit_threshold_errors():
     ):
         with pytest.raises(RuntimeError, match=message):
             plan.attend(q, k, v, indices, unit_threshold=bad)
+
+
+_CPU_TILES_SCRIPT = """
+import sys, torch
+from s2o import S2OConfig, data
+from s2o.plan import Plan
+q, k, v = data.structured_qkv(700, q_heads=4, kv_heads=2, head_dim=64, seed=3)
+plan = Plan.for_call(S2OConfig(threshold=float(sys.argv[2]), min_keys=1), q.shape, k.shape,
+                     is_causal=True, scale=None)
+out, lse, counts = plan.attend(q, k, v, plan.permute(plan.estimate(q, k)))
+torch.save((out, lse, counts, plan.block_m), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.003])
+def test_cpu_matrix_unit_tiles_agree_with_the_fp32_loops(tmp_path, threshold):
+    """bf16 tile products run on the matrix units where the CPU has them; S2O_CPU_MATRIX_UNITS=0
+    forces the fp32 loops. Both compute the same attention (a process each: the switch is read
+    once)."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for setting in ("1", "0"):
+        path = tmp_path / f"tiles{setting}.pt"
+        env = {**os.environ, "S2O_CPU_MATRIX_UNITS": setting}
+        subprocess.run([sys.executable, "-c", _CPU_TILES_SCRIPT, str(path), str(threshold)],
+                       env=env, check=True)  # fmt: skip
+        results[setting] = torch.load(path)
+    (out, lse, counts, block_m), (loop_out, loop_lse, loop_counts, _) = results["1"], results["0"]
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    # Tile counts may differ only at near-threshold stop decisions.
+    assert (counts == loop_counts).float().mean() > 0.95
+    same = (counts == loop_counts).repeat_interleave(block_m, dim=-1)[..., : out.shape[2]]
+    torch.testing.assert_close(out.float()[same], loop_out.float()[same], atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse[same], loop_lse[same], atol=1e-2, rtol=1e-3)

@@ -336,3 +336,18 @@ def test_set_config_checks_its_argument_and_forces_bottom_right():
     assert s2o_hf.get_config().threshold == 0.2
     s2o_hf.set_config(None)
     assert s2o_hf.get_config() == S2OConfig(causal_alignment="bottom_right")
+
+
+def test_transformers_outside_the_supported_range_is_refused_at_import():
+    """An older transformers crashed inside the mask function; now the import says what to
+    install."""
+    import subprocess
+    import sys
+
+    script = (
+        "import transformers; transformers.__version__ = '5.10.0'; "
+        "import s2o.integrations.transformers"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "needs transformers>=5.17,<6" in run.stderr and "found 5.10.0" in run.stderr

@@ -17,6 +17,10 @@
 namespace s2o {
 namespace {
 
+// Rank keys of at most this many bits are ranked by a counting sort (one bucket per key value),
+// wider ones by comparison sorts; both give the same list.
+constexpr int kCountingSortBits = 16;
+
 // Writes the ranked list of one segment (keys: its history's rank keys) to `list`.
 void rank_list(const std::vector<uint32_t>& keys, int64_t ranked_keys, std::vector<uint32_t>& sorted,
                int32_t* list) {
@@ -39,6 +43,32 @@ void rank_list(const std::vector<uint32_t>& keys, int64_t ranked_keys, std::vect
   std::stable_sort(list, prefix_end, [&](int32_t a, int32_t b) { return keys[a] > keys[b]; });
 }
 
+// The same list by counting sort, for keys below 2^bits (bits <= kCountingSortBits); `count` is
+// scratch of 2^bits entries.
+void rank_list_counting(const std::vector<uint32_t>& keys, int bits, int64_t ranked_keys,
+                        std::vector<int64_t>& count, int32_t* list) {
+  const int64_t history = static_cast<int64_t>(keys.size());
+  const int64_t buckets = int64_t{1} << bits;
+  std::fill(count.begin(), count.end(), 0);
+  for (int64_t j = 0; j < history; ++j) ++count[buckets - 1 - keys[j]];  // falling key order
+  // The prefix ends with the bucket that holds the ranked_keys-th largest key.
+  int64_t prefix_buckets = buckets, prefix_size = history, start = 0;
+  for (int64_t bucket = 0; bucket < buckets; ++bucket) {
+    const int64_t size = count[bucket];
+    count[bucket] = start;  // now: the bucket's first slot
+    start += size;
+    if (ranked_keys > 0 && start >= ranked_keys && prefix_buckets == buckets) {
+      prefix_buckets = bucket + 1;
+      prefix_size = start;
+    }
+  }
+  int64_t tail = prefix_size;
+  for (int64_t j = 0; j < history; ++j) {
+    const int64_t bucket = buckets - 1 - keys[j];
+    list[bucket < prefix_buckets ? count[bucket]++ : tail++] = static_cast<int32_t>(j);
+  }
+}
+
 void permute_indices_cpu(const PermuteIndicesCall& call) {
   const SegmentLayout& layout = call.layout;
   const at::Tensor& scores = call.scores;
@@ -53,6 +83,7 @@ void permute_indices_cpu(const PermuteIndicesCall& call) {
   at::parallel_for(0, scores.size(0) * scores.size(1) * num_segments, 1,
                    [&](int64_t begin, int64_t end) {
                      std::vector<uint32_t> keys, sorted;
+                     std::vector<int64_t> count(bits <= kCountingSortBits ? int64_t{1} << bits : 0);
                      for (int64_t unit = begin; unit < end; ++unit) {
                        const int64_t s = unit % num_segments;
                        const int64_t list_base = (unit / num_segments) * total;
@@ -60,7 +91,10 @@ void permute_indices_cpu(const PermuteIndicesCall& call) {
                        const int64_t history = layout.history_length(s);
                        keys.resize(history);
                        for (int64_t j = 0; j < history; ++j) keys[j] = rank_key(in[offset + j], bits);
-                       rank_list(keys, ranked_keys, sorted, out + offset);
+                       if (bits <= kCountingSortBits)
+                         rank_list_counting(keys, bits, ranked_keys, count, out + offset);
+                       else
+                         rank_list(keys, ranked_keys, sorted, out + offset);
                      }
                    });
 }

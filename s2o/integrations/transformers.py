@@ -37,8 +37,9 @@ Configuration: :func:`set_config` sets the process default; ``patch_llama(model,
 for one model. ``causal_alignment`` is always ``"bottom_right"`` here (transformers' convention);
 the field of a given config is replaced. To see what the calls did, use :func:`record_stats`.
 
-Supported transformers: 5.17 to 5.24 (tests run with 5.24; the mask-interface arguments,
-``sdpa_mask``, ``set_attn_implementation`` and the ``ALL_ATTENTION_FUNCTIONS.get_interface``
+Supported transformers: >=5.17,<6 (``SUPPORTED_TRANSFORMERS``; others are refused at import, with
+the install command; tests run with 5.24; the mask-interface arguments, ``sdpa_mask``,
+``set_attn_implementation`` and the ``ALL_ATTENTION_FUNCTIONS.get_interface``
 dispatch of Llama/Qwen2/Mistral were checked identical in the 5.17 source). Public names used:
 ``AttentionInterface.register``, ``AttentionMaskInterface.register``, ``masking_utils.sdpa_mask``,
 ``masking_utils.causal_mask_function``, ``PreTrainedModel.set_attn_implementation`` and the
@@ -68,13 +69,20 @@ from ..config import S2OConfig
 logger = logging.getLogger("s2o")
 
 IMPLEMENTATION = "s2o"
-TESTED_TRANSFORMERS = ("5.17", "5.24")
+# The supported range, as pyproject's extras state it: from the first release whose mask
+# interface passes the arguments s2o_mask takes, below the next major release.
+SUPPORTED_TRANSFORMERS = ("5.17", "6")
 
-if version.parse(transformers.__version__) < version.parse(TESTED_TRANSFORMERS[0]):
-    logger.warning(
-        "s2o.integrations.transformers was checked against transformers %s to %s, found %s",
-        *TESTED_TRANSFORMERS,
-        transformers.__version__,
+if not (
+    version.parse(SUPPORTED_TRANSFORMERS[0])
+    <= version.parse(transformers.__version__)
+    < version.parse(SUPPORTED_TRANSFORMERS[1])
+):
+    raise ImportError(
+        f"s2o.integrations.transformers needs transformers>={SUPPORTED_TRANSFORMERS[0]},"
+        f"<{SUPPORTED_TRANSFORMERS[1]} (its attention and mask interfaces), found "
+        f"{transformers.__version__}: pip install 'transformers>={SUPPORTED_TRANSFORMERS[0]},"
+        f"<{SUPPORTED_TRANSFORMERS[1]}'"
     )
 
 # Dense attention for decode steps, captured before s2o.patch_sdpa can replace it.

@@ -1,0 +1,387 @@
+// The tile products of the CPU attention kernel (sparse_attention_cpu.cpp), in two versions with
+// one interface, and the online softmax they share:
+//   LoopTiles    fp32 products in our own register-blocked loops: every dtype and shape, the
+//                readable specification.
+//   MatrixTiles  bf16 products on the CPU's matrix units (AMX, or AVX-512 bf16) through the
+//                oneDNN micro-kernels PyTorch links (at::native::cpublas::brgemm), fp32
+//                accumulation: K/V rows are gathered by index straight into the packed (VNNI)
+//                layout the micro-kernel reads, and the probabilities are rounded to bf16 for
+//                the value product, as GPU kernels do.
+// A tile object is one thread's state for one work unit of `rows` query rows at a time
+//   (row r: absolute position pos[r], or -1 for a padding row beyond the queries):
+//   begin_unit(...)    loads the rows' queries and resets their softmax state;
+//   fold(...)          folds n <= block_n keys (positions key_pos) into every row and returns the
+//                      max over real rows of the tile's mass / the row's total mass;
+//   rows()             the rows' positions, unnormalised output and softmax state.
+#pragma once
+
+#include <ATen/native/CPUBlas.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "s2o/layout.h"
+
+namespace s2o::cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Clones of the vector loops for AVX-512, AVX2 + FMA and the baseline ISA (results differ between
+// clones only by rounding).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define S2O_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define S2O_CPU_CLONES
+#endif
+
+template <typename scalar_t>
+struct Operand {  // strided view of a [B, H, N, D] tensor
+  const scalar_t* data;
+  int64_t s0, s1, s2, s3;
+  explicit Operand(const at::Tensor& t)
+      : data(t.const_data_ptr<scalar_t>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)),
+        s3(t.stride(3)) {}
+  const scalar_t* row(int64_t b, int64_t h, int64_t n) const { return data + b * s0 + h * s1 + n * s2; }
+};
+
+// Softmax state of a unit's rows.
+struct RowState {
+  std::vector<float> m, l;   // [rows] running max and mass
+  std::vector<float> alpha;  // [rows] rescale of the output for the current tile
+  std::vector<float> acc;    // [rows][D] unnormalised output
+  std::vector<int64_t> pos;  // [rows] absolute position, or -1 for padding rows
+  RowState(int64_t rows, int64_t head_dim)
+      : m(rows), l(rows), alpha(rows), acc(rows * head_dim), pos(rows) {}
+  void reset(int64_t r, int64_t head_dim) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+    std::fill(acc.data() + r * head_dim, acc.data() + (r + 1) * head_dim, 0.0f);
+  }
+};
+
+// exp(x) for x <= 0 (what the softmax feeds it), NaN kept: Cephes' expf polynomial after a
+// round-to-nearest split x = k ln2 + f, written so that the compiler vectorises the loops that
+// call it (std::exp does not vectorise); about 1 ulp from the correctly rounded value.
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kUnderflow = -87.0f;   // below, exp() is subnormal or 0: return 0
+  const float v = x < kUnderflow ? kUnderflow : x;  // (NaN passes)
+  const float shifted = v * kLog2e + kRound;
+  const float k = shifted - kRound;
+  int32_t k_bits;
+  std::memcpy(&k_bits, &shifted, sizeof k_bits);
+  const float f = (v - k * kLn2Hi) - k * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  const float e = p * f * f + f + 1.0f;
+  const int32_t scale_bits = (k_bits - 0x4B400000 + 127) << 23;  // 2^k (k >= -126 here)
+  float two_k;
+  std::memcpy(&two_k, &scale_bits, sizeof two_k);
+  return x < kUnderflow ? 0.0f : e * two_k;
+}
+
+// The online-softmax step of one tile for every row: s [rows][ld_s] holds the raw scores of n
+// keys, times score_scale; becomes exp(score - frame), the row's new max frame. Keys after the
+// row's position are masked when causal_mask. Fills rows.alpha; returns the max over real rows of
+// gain / l (NaN rows ignored).
+S2O_CPU_CLONES
+inline float softmax_tile(float* s, int64_t ld_s, int64_t n, float score_scale, const int64_t* key_pos,
+                          bool causal_mask, RowState& rows) {
+  const int64_t num_rows = static_cast<int64_t>(rows.pos.size());
+  float max_ratio = 0.0f;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    float* sr = s + r * ld_s;
+    const int64_t pos = rows.pos[r];
+    if (pos < 0) {  // padding row: contributes nothing
+      for (int64_t j = 0; j < n; ++j) sr[j] = 0.0f;
+      rows.alpha[r] = 1.0f;
+      continue;
+    }
+    float tile_max = kNegInf;
+    if (causal_mask) {
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = key_pos[j] > pos ? kNegInf : sr[j] * score_scale;
+        sr[j] = x;
+        tile_max = std::max(tile_max, x);
+      }
+    } else {
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = sr[j] * score_scale;
+        sr[j] = x;
+        tile_max = std::max(tile_max, x);
+      }
+    }
+    const float m_new = std::max(rows.m[r], tile_max);
+    const float frame = m_new == kNegInf ? 0.0f : m_new;  // all masked so far: keep exp() finite
+    float gain = 0.0f;
+#pragma omp simd reduction(+ : gain)
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = exp_nonpositive(sr[j] - frame);
+      sr[j] = e;
+      gain += e;
+    }
+    rows.alpha[r] = exp_nonpositive(rows.m[r] - frame);
+    rows.m[r] = m_new;
+    rows.l[r] = rows.l[r] * rows.alpha[r] + gain;
+    if (rows.l[r] > 0.0f) max_ratio = std::max(max_ratio, gain / rows.l[r]);
+  }
+  return max_ratio;
+}
+
+// ---- LoopTiles: fp32 products in our own loops ----
+
+constexpr int64_t kRowBlock = 4;   // rows per register block of the score product
+constexpr int64_t kColBlock = 16;  // keys per register block (two 8-wide vectors)
+constexpr int64_t kAccRows = 2;    // rows per register block of the value product
+constexpr int64_t kAccCols = 32;   // head-dim columns per register block (four 8-wide vectors)
+
+// s[r][j] = q[r] . kt[:, j] for r < rows, j < n; q [rows][D], kt [D][ld_kt], s [rows][ld_s].
+S2O_CPU_CLONES
+inline void tile_scores(const float* q, const float* kt, int64_t rows, int64_t head_dim, int64_t n,
+                        int64_t ld_kt, float* s, int64_t ld_s) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t nr = std::min(kRowBlock, rows - r0);
+    for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
+      float acc[kRowBlock][kColBlock] = {};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float* kd = kt + d * ld_kt + j0;
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+          const float qd = r < nr ? q[(r0 + r) * head_dim + d] : 0.0f;
+          for (int64_t j = 0; j < kColBlock; ++j) acc[r][j] += qd * kd[j];
+        }
+      }
+      const int64_t nj = std::min(kColBlock, n - j0);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < nj; ++j) s[(r0 + r) * ld_s + j0 + j] = acc[r][j];
+    }
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_j p[r][j] * v[j] for r < rows; p [rows][ld_p], v [n][D]. A
+// block of kAccRows x kAccCols outputs stays in registers over the whole key loop.
+S2O_CPU_CLONES
+inline void tile_accumulate(const float* p, int64_t ld_p, const float* v, const float* alpha,
+                            int64_t rows, int64_t n, int64_t head_dim, float* acc) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kAccRows) {
+    const int64_t nr = std::min(kAccRows, rows - r0);
+    for (int64_t d0 = 0; d0 < head_dim; d0 += kAccCols) {
+      const int64_t nd = std::min(kAccCols, head_dim - d0);
+      float block[kAccRows][kAccCols] = {};
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t d = 0; d < nd; ++d) block[r][d] = acc[(r0 + r) * head_dim + d0 + d] * alpha[r0 + r];
+      if (nd == kAccCols) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vj = v + j * head_dim + d0;
+          for (int64_t r = 0; r < kAccRows; ++r) {
+            const float pj = r < nr ? p[(r0 + r) * ld_p + j] : 0.0f;
+            for (int64_t d = 0; d < kAccCols; ++d) block[r][d] += pj * vj[d];
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t d = 0; d < nd; ++d) block[r][d] += p[(r0 + r) * ld_p + j] * v[j * head_dim + d0 + d];
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t d = 0; d < nd; ++d) acc[(r0 + r) * head_dim + d0 + d] = block[r][d];
+    }
+  }
+}
+
+template <typename scalar_t>
+class LoopTiles {
+ public:
+  LoopTiles(int64_t rows, int64_t head_dim, int64_t block_n, float scale)
+      : rows_(rows, head_dim), head_dim_(head_dim), block_n_(block_n), scale_(scale),
+        kt_ld_(ceil_div(block_n, kColBlock) * kColBlock), q_(rows * head_dim),
+        kt_(head_dim * kt_ld_), v_(block_n * head_dim), s_(rows * block_n) {}
+
+  RowState& rows() { return rows_; }
+
+  // Row r's query (src: its first element, stride: between elements), pre-scaled; null: padding.
+  void load_query(int64_t r, const scalar_t* src, int64_t stride) {
+    rows_.reset(r, head_dim_);
+    float* qr = q_.data() + r * head_dim_;
+    for (int64_t d = 0; d < head_dim_; ++d)
+      qr[d] = src ? static_cast<float>(src[d * stride]) * scale_ : 0.0f;
+  }
+
+  float fold(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b, int64_t kv_head,
+             const int64_t* key_pos, int64_t n, bool causal_mask) {
+    const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* kr = k.row(b, kv_head, key_pos[j]);
+      const scalar_t* vr = v.row(b, kv_head, key_pos[j]);
+      for (int64_t d = 0; d < D; ++d) {
+        kt_[d * kt_ld_ + j] = static_cast<float>(kr[d * k.s3]);
+        v_[j * D + d] = static_cast<float>(vr[d * v.s3]);
+      }
+    }
+    tile_scores(q_.data(), kt_.data(), num_rows, D, n, kt_ld_, s_.data(), block_n_);
+    const float max_ratio = softmax_tile(s_.data(), block_n_, n, 1.0f, key_pos, causal_mask, rows_);
+    tile_accumulate(s_.data(), block_n_, v_.data(), rows_.alpha.data(), num_rows, n, D,
+                    rows_.acc.data());
+    return max_ratio;
+  }
+
+ private:
+  RowState rows_;
+  int64_t head_dim_, block_n_;
+  float scale_;
+  int64_t kt_ld_;          // block_n rounded up to whole register blocks
+  std::vector<float> q_;   // [rows][D], pre-scaled by `scale`
+  std::vector<float> kt_;  // [D][kt_ld] current key tile, transposed
+  std::vector<float> v_;   // [block_n][D] current value tile
+  std::vector<float> s_;   // [rows][block_n] scores, then probabilities
+};
+
+// ---- MatrixTiles: bf16 products on the matrix units ----
+
+// The micro-kernel's packed B operand is [K / 2][N][2] (pairs of consecutive K entries side by
+// side) with N one of 16, 32, 48, 64: a key tile is padded to whole 16-key groups, the value
+// product runs in column blocks of at most 64.
+constexpr int64_t kPackedColumns = 64;
+constexpr int64_t kPackedColumnStep = 16;
+
+// Whether MatrixTiles serves these shapes on this machine. S2O_CPU_MATRIX_UNITS=0 turns it off
+// (then LoopTiles serves every call), e.g. to compare the two.
+// The gathers read whole rows: the head dim must be the operands' contiguous one.
+inline bool matrix_tiles_available(const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& value, int64_t block_n) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("S2O_CPU_MATRIX_UNITS");
+    return (env == nullptr || std::string(env) != "0") && at::native::cpublas::could_pack(at::kBFloat16);
+  }();
+  return enabled && query.scalar_type() == at::kBFloat16 && block_n <= kPackedColumns &&
+         query.size(3) % kPackedColumnStep == 0 && key.stride(3) == 1 && value.stride(3) == 1;
+}
+
+// dst[j] = bf16(src[j]), round to nearest even (NaN stays NaN: its quiet bit survives).
+S2O_CPU_CLONES
+inline void round_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &src[j], sizeof bits);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    dst[j] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+class MatrixTiles {
+ public:
+  using scalar_t = at::BFloat16;
+
+  MatrixTiles(int64_t rows, int64_t head_dim, int64_t block_n, float scale)
+      : rows_(rows, head_dim), head_dim_(head_dim), scale_(scale),
+        keys_(ceil_div(block_n, kPackedColumnStep) * kPackedColumnStep), q_(rows * head_dim),
+        k_packed_(head_dim * keys_), v_packed_(keys_ * head_dim), s_(rows * keys_), p_(rows * keys_),
+        zeros_(head_dim, 0) {}
+
+  RowState& rows() { return rows_; }
+
+  void load_query(int64_t r, const scalar_t* src, int64_t stride) {
+    rows_.reset(r, head_dim_);
+    uint16_t* qr = q_.data() + r * head_dim_;
+    for (int64_t d = 0; d < head_dim_; ++d) qr[d] = src ? src[d * stride].x : 0;
+  }
+
+  float fold(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b, int64_t kv_head,
+             const int64_t* key_pos, int64_t n, bool causal_mask) {
+    gather(k, v, b, kv_head, key_pos, n);
+    const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
+    // s = q k^T over the padded tile (padding keys are zero rows: their scores are 0 and unused)
+    at::native::cpublas::brgemm(num_rows, keys_, D, D, keys_, keys_, /*add_C=*/false, bf16(q_.data()),
+                                bf16(k_packed_.data()), s_.data());
+    const float max_ratio = softmax_tile(s_.data(), keys_, n, scale_, key_pos, causal_mask, rows_);
+    for (int64_t r = 0; r < num_rows; ++r) {
+      float* sr = s_.data() + r * keys_;
+      std::fill(sr + n, sr + keys_, 0.0f);  // padding keys carry no mass
+      round_to_bf16(sr, keys_, p_.data() + r * keys_);
+      const float alpha = rows_.alpha[r];
+      if (alpha != 1.0f) scale_row(rows_.acc.data() + r * D, D, alpha);
+    }
+    // acc += p v, per column block
+    for (int64_t c = 0; c < D; c += kPackedColumns) {
+      const int64_t width = std::min(kPackedColumns, D - c);
+      at::native::cpublas::brgemm(num_rows, width, keys_, keys_, width, D, /*add_C=*/true,
+                                  bf16(p_.data()), bf16(v_packed_.data() + c * keys_),
+                                  rows_.acc.data() + c);
+    }
+    return max_ratio;
+  }
+
+  // Releases the matrix units' configuration (once per thread, after its last tile).
+  ~MatrixTiles() { at::native::cpublas::brgemm_release(); }
+
+ private:
+  S2O_CPU_CLONES
+  static void scale_row(float* x, int64_t n, float factor) {
+    for (int64_t d = 0; d < n; ++d) x[d] *= factor;
+  }
+
+  static const scalar_t* bf16(const uint16_t* p) { return reinterpret_cast<const scalar_t*>(p); }
+
+  // K rows into k_packed_ ([D/2][keys][2]: element (d, j) at (d/2)*2*keys + 2j + d%2, i.e. the
+  // 32-bit word of the pair (d, d+1) of key j at word (d/2)*keys + j) and V rows into v_packed_
+  // (per column block c of `width` columns, at c*keys: element (j, d) at (j/2)*2*width +
+  // 2(d-c) + j%2, i.e. keys 2i and 2i+1 interleaved); keys j >= n are zero.
+  void gather(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b, int64_t kv_head,
+              const int64_t* key_pos, int64_t n) {
+    const int64_t D = head_dim_, words = D / 2;
+    uint32_t* k_words = reinterpret_cast<uint32_t*>(k_packed_.data());
+    for (int64_t j = 0; j < keys_; ++j) {
+      uint32_t* dst = k_words + j;
+      if (j < n) {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(k.row(b, kv_head, key_pos[j]));
+        for (int64_t w = 0; w < words; ++w) dst[w * keys_] = src[w];
+      } else {
+        for (int64_t w = 0; w < words; ++w) dst[w * keys_] = 0;
+      }
+    }
+    for (int64_t j = 0; j < keys_; j += 2) {
+      const uint16_t* even = j < n ? bits(v.row(b, kv_head, key_pos[j])) : zeros_.data();
+      const uint16_t* odd = j + 1 < n ? bits(v.row(b, kv_head, key_pos[j + 1])) : zeros_.data();
+      for (int64_t c = 0; c < D; c += kPackedColumns) {
+        const int64_t width = std::min(kPackedColumns, D - c);
+        interleave(even + c, odd + c, width, v_packed_.data() + c * keys_ + j * width);
+      }
+    }
+  }
+
+  static const uint16_t* bits(const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+  S2O_CPU_CLONES
+  static void interleave(const uint16_t* even, const uint16_t* odd, int64_t n, uint16_t* dst) {
+    for (int64_t d = 0; d < n; ++d) {
+      dst[2 * d] = even[d];
+      dst[2 * d + 1] = odd[d];
+    }
+  }
+
+  RowState rows_;
+  int64_t head_dim_;
+  float scale_;
+  int64_t keys_;                   // keys per packed tile: block_n rounded up to kPackedColumnStep
+  std::vector<uint16_t> q_;        // [rows][D] bf16 bits, unscaled (scale applies to the scores)
+  std::vector<uint16_t> k_packed_; // [D/2][keys][2] bf16 bits
+  std::vector<uint16_t> v_packed_; // [keys/2][D][2] bf16 bits, in column blocks
+  std::vector<float> s_;           // [rows][keys] scores, then probabilities
+  std::vector<uint16_t> p_;        // [rows][keys] probabilities in bf16
+  std::vector<uint16_t> zeros_;    // [D] the padding keys' rows
+};
+
+}  // namespace s2o::cpu
