@@ -9,12 +9,16 @@
 //                the value product, as GPU kernels do.
 // A tile object is one thread's state for one work unit of `rows` query rows at a time
 //   (row r: absolute position pos[r], or -1 for a padding row beyond the queries):
-//   begin_unit(...)    loads the rows' queries and resets their softmax state;
-//   fold(...)          folds n <= block_n keys (positions key_pos) into every row and returns the
-//                      max over real rows of the tile's mass / the row's total mass;
-//   rows()             the rows' positions, unnormalised output and softmax state.
+//   load_query(r, ...)   loads row r's query and resets its softmax state;
+//   fold_span(...)       folds n <= span_keys() keys (positions key_pos) into every row, tile by
+//                        tile of block_n keys: after each tile, keep_going(the max over real
+//                        rows of the tile's mass / the row's total mass) says whether to fold
+//                        the next; returns the tiles folded;
+//   rows()               the rows' positions, unnormalised output and softmax state.
+// A span is one tile for LoopTiles, several for MatrixTiles (one product for all their scores).
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/types.h>
 
@@ -220,6 +224,18 @@ class LoopTiles {
       qr[d] = src ? static_cast<float>(src[d * stride]) * scale_ : 0.0f;
   }
 
+  int64_t span_keys() const { return block_n_; }
+
+  // One tile: n <= block_n keys.
+  template <typename KeepGoing>
+  int64_t fold_span(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b,
+                    int64_t kv_head, const int64_t* key_pos, int64_t n, bool causal_mask,
+                    const KeepGoing& keep_going) {
+    keep_going(fold(k, v, b, kv_head, key_pos, n, causal_mask));
+    return 1;
+  }
+
+ private:
   float fold(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b, int64_t kv_head,
              const int64_t* key_pos, int64_t n, bool causal_mask) {
     const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
@@ -238,7 +254,6 @@ class LoopTiles {
     return max_ratio;
   }
 
- private:
   RowState rows_;
   int64_t head_dim_, block_n_;
   float scale_;
@@ -252,30 +267,57 @@ class LoopTiles {
 // ---- MatrixTiles: bf16 products on the matrix units ----
 
 // The micro-kernel's packed B operand is [K / 2][N][2] (pairs of consecutive K entries side by
-// side) with N one of 16, 32, 48, 64: a key tile is padded to whole 16-key groups, the value
-// product runs in column blocks of at most 64.
-constexpr int64_t kPackedColumns = 64;
-constexpr int64_t kPackedColumnStep = 16;
+// side); a span of keys is padded to whole groups of kKeyStep keys.
+constexpr int64_t kKeyStep = 16;
+// Keys per score product: a product of one 64-key tile runs at a fraction of the micro-kernel's
+// speed, so several tiles share one; after a stop, the tiles left in the span cost their score
+// product only (their values are not gathered).
+constexpr int64_t kSpanKeys = 256;
+
+// Whether ATen's bf16 micro-kernel runs here: oneDNN serves it where the CPU has AVX-512 or AMX
+// (at::native::cpublas::could_pack answers only whether the CPU has AMX) and ATen raises where it
+// does not. Tried once on a small product with a known answer: a[m][k] = m + k times the
+// identity, packed.
+inline bool bf16_micro_kernel_works() {
+  constexpr int64_t n = kKeyStep;
+  std::vector<at::BFloat16> a(n * n), b_packed(n * n, at::BFloat16(0.0f));
+  std::vector<float> c(n * n, -1.0f);
+  for (int64_t m = 0; m < n; ++m)
+    for (int64_t k = 0; k < n; ++k) a[m * n + k] = at::BFloat16(static_cast<float>(m + k));
+  for (int64_t k = 0; k < n; ++k) b_packed[(k / 2) * 2 * n + 2 * k + k % 2] = at::BFloat16(1.0f);
+  try {
+    at::native::cpublas::brgemm(n, n, n, n, n, n, /*add_C=*/false, a.data(), b_packed.data(), c.data());
+    at::native::cpublas::brgemm_release();
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int64_t m = 0; m < n; ++m)
+    for (int64_t k = 0; k < n; ++k)
+      if (c[m * n + k] != static_cast<float>(m + k)) return false;
+  return true;
+}
 
 // Whether MatrixTiles serves these shapes on this machine. S2O_CPU_MATRIX_UNITS=0 turns it off
 // (then LoopTiles serves every call), e.g. to compare the two.
 // The gathers read whole rows: the head dim must be the operands' contiguous one.
 inline bool matrix_tiles_available(const at::Tensor& query, const at::Tensor& key,
-                                   const at::Tensor& value, int64_t block_n) {
+                                   const at::Tensor& value) {
   static const bool enabled = [] {
     const char* env = std::getenv("S2O_CPU_MATRIX_UNITS");
-    return (env == nullptr || std::string(env) != "0") && at::native::cpublas::could_pack(at::kBFloat16);
+    return (env == nullptr || std::string(env) != "0") && bf16_micro_kernel_works();
   }();
-  return enabled && query.scalar_type() == at::kBFloat16 && block_n <= kPackedColumns &&
-         query.size(3) % kPackedColumnStep == 0 && key.stride(3) == 1 && value.stride(3) == 1;
+  // (torch.backends.mkldnn.enabled = False turns oneDNN off for ATen's micro-kernel too)
+  return enabled && at::globalContext().userEnabledMkldnn() && query.scalar_type() == at::kBFloat16 && query.size(3) % kKeyStep == 0 &&
+         key.stride(3) == 1 && value.stride(3) == 1;
 }
 
-// dst[j] = bf16(src[j]), round to nearest even (NaN stays NaN: its quiet bit survives).
+// dst[j] = bf16(src[j] * factor), round to nearest even (NaN stays NaN: its quiet bit survives).
 S2O_CPU_CLONES
-inline void round_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+inline void round_to_bf16(const float* src, int64_t n, float factor, uint16_t* dst) {
   for (int64_t j = 0; j < n; ++j) {
+    const float x = src[j] * factor;
     uint32_t bits;
-    std::memcpy(&bits, &src[j], sizeof bits);
+    std::memcpy(&bits, &x, sizeof bits);
     bits += 0x7FFFu + ((bits >> 16) & 1u);
     dst[j] = static_cast<uint16_t>(bits >> 16);
   }
@@ -286,12 +328,14 @@ class MatrixTiles {
   using scalar_t = at::BFloat16;
 
   MatrixTiles(int64_t rows, int64_t head_dim, int64_t block_n, float scale)
-      : rows_(rows, head_dim), head_dim_(head_dim), scale_(scale),
-        keys_(ceil_div(block_n, kPackedColumnStep) * kPackedColumnStep), q_(rows * head_dim),
-        k_packed_(head_dim * keys_), v_packed_(keys_ * head_dim), s_(rows * keys_), p_(rows * keys_),
-        zeros_(head_dim, 0) {}
+      : rows_(rows, head_dim), head_dim_(head_dim), block_n_(block_n), scale_(scale),
+        span_tiles_(std::max<int64_t>(1, kSpanKeys / block_n)),
+        capacity_(ceil_div(span_tiles_ * block_n, kKeyStep) * kKeyStep), q_(rows * head_dim),
+        k_packed_(head_dim * capacity_), v_packed_(capacity_ * head_dim), s_(rows * capacity_),
+        p_(rows * capacity_), alphas_(span_tiles_ * rows), zeros_(head_dim, 0) {}
 
   RowState& rows() { return rows_; }
+  int64_t span_keys() const { return span_tiles_ * block_n_; }
 
   void load_query(int64_t r, const scalar_t* src, int64_t stride) {
     rows_.reset(r, head_dim_);
@@ -299,89 +343,121 @@ class MatrixTiles {
     for (int64_t d = 0; d < head_dim_; ++d) qr[d] = src ? src[d * stride].x : 0;
   }
 
-  float fold(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b, int64_t kv_head,
-             const int64_t* key_pos, int64_t n, bool causal_mask) {
-    gather(k, v, b, kv_head, key_pos, n);
+  // Folds n <= span_keys() keys, tile by tile of block_n keys, into every row: after each tile,
+  // keep_going(max ratio of the tile) says whether to fold the next one. Returns the tiles folded.
+  template <typename KeepGoing>
+  int64_t fold_span(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b,
+                    int64_t kv_head, const int64_t* key_pos, int64_t n, bool causal_mask,
+                    const KeepGoing& keep_going) {
     const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
-    // s = q k^T over the padded tile (padding keys are zero rows: their scores are 0 and unused)
-    at::native::cpublas::brgemm(num_rows, keys_, D, D, keys_, keys_, /*add_C=*/false, bf16(q_.data()),
+    const int64_t ld = ceil_div(n, kKeyStep) * kKeyStep;
+    gather_keys(k, b, kv_head, key_pos, n, ld);
+    // s = q k^T over the span (padding keys are zero rows: their scores are 0 and unused)
+    at::native::cpublas::brgemm(num_rows, ld, D, D, ld, ld, /*add_C=*/false, bf16(q_.data()),
                                 bf16(k_packed_.data()), s_.data());
-    const float max_ratio = softmax_tile(s_.data(), keys_, n, scale_, key_pos, causal_mask, rows_);
-    for (int64_t r = 0; r < num_rows; ++r) {
-      float* sr = s_.data() + r * keys_;
-      std::fill(sr + n, sr + keys_, 0.0f);  // padding keys carry no mass
-      round_to_bf16(sr, keys_, p_.data() + r * keys_);
-      const float alpha = rows_.alpha[r];
-      if (alpha != 1.0f) scale_row(rows_.acc.data() + r * D, D, alpha);
+    int64_t tiles = 0, keys = 0;
+    while (keys < n) {
+      const int64_t width = std::min(block_n_, n - keys);
+      const float max_ratio =
+          softmax_tile(s_.data() + keys, ld, width, scale_, key_pos + keys, causal_mask, rows_);
+      std::copy(rows_.alpha.begin(), rows_.alpha.end(), alphas_.begin() + tiles * num_rows);
+      ++tiles;
+      keys += width;
+      if (!keep_going(max_ratio)) break;
     }
-    // acc += p v, per column block
-    for (int64_t c = 0; c < D; c += kPackedColumns) {
-      const int64_t width = std::min(kPackedColumns, D - c);
-      at::native::cpublas::brgemm(num_rows, width, keys_, keys_, width, D, /*add_C=*/true,
-                                  bf16(p_.data()), bf16(v_packed_.data() + c * keys_),
-                                  rows_.acc.data() + c);
-    }
-    return max_ratio;
+    accumulate(v, b, kv_head, key_pos, keys, tiles, ld);
+    return tiles;
   }
 
   // Releases the matrix units' configuration (once per thread, after its last tile).
   ~MatrixTiles() { at::native::cpublas::brgemm_release(); }
 
  private:
+  // acc = acc * (rescale over the folded tiles) + p v for the first `keys` keys of the span, whose
+  // probabilities tile t took in the max frame after tile t: they are brought to the last
+  // tile's frame (tile t by the alphas of the tiles after it) while rounding them to bf16.
+  void accumulate(const Operand<scalar_t>& v, int64_t b, int64_t kv_head, const int64_t* key_pos,
+                  int64_t keys, int64_t tiles, int64_t ld_s) {
+    const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
+    const int64_t ld = ceil_div(keys, kKeyStep) * kKeyStep;
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const float* sr = s_.data() + r * ld_s;
+      uint16_t* pr = p_.data() + r * ld;
+      float factor = 1.0f;
+      for (int64_t t = tiles - 1; t >= 0; --t) {
+        const int64_t first = t * block_n_, width = std::min(block_n_, keys - first);
+        round_to_bf16(sr + first, width, factor, pr + first);
+        factor *= alphas_[t * num_rows + r];
+      }
+      std::fill(pr + keys, pr + ld, uint16_t{0});  // padding keys carry no mass
+      if (factor != 1.0f) scale_row(rows_.acc.data() + r * D, D, factor);
+    }
+    gather_values(v, b, kv_head, key_pos, keys, ld);
+    at::native::cpublas::brgemm(num_rows, D, ld, ld, D, D, /*add_C=*/true, bf16(p_.data()),
+                                bf16(v_packed_.data()), rows_.acc.data());
+  }
+
   S2O_CPU_CLONES
   static void scale_row(float* x, int64_t n, float factor) {
     for (int64_t d = 0; d < n; ++d) x[d] *= factor;
   }
 
   static const scalar_t* bf16(const uint16_t* p) { return reinterpret_cast<const scalar_t*>(p); }
+  static const uint16_t* bits(const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); }
 
-  // K rows into k_packed_ ([D/2][keys][2]: element (d, j) at (d/2)*2*keys + 2j + d%2, i.e. the
-  // 32-bit word of the pair (d, d+1) of key j at word (d/2)*keys + j) and V rows into v_packed_
-  // (per column block c of `width` columns, at c*keys: element (j, d) at (j/2)*2*width +
-  // 2(d-c) + j%2, i.e. keys 2i and 2i+1 interleaved); keys j >= n are zero.
-  void gather(const Operand<scalar_t>& k, const Operand<scalar_t>& v, int64_t b, int64_t kv_head,
-              const int64_t* key_pos, int64_t n) {
-    const int64_t D = head_dim_, words = D / 2;
+  // K rows into k_packed_ as [D/2][ld][2]: the 32-bit word of the pair (d, d+1) of key j at word
+  // (d/2)*ld + j; keys j >= n are zero. In blocks of kKeyStep keys, so that each store fills
+  // a run of kKeyStep words (strided single-word stores cost more than the score product).
+  void gather_keys(const Operand<scalar_t>& k, int64_t b, int64_t kv_head, const int64_t* key_pos,
+                   int64_t n, int64_t ld) {
+    const uint32_t* rows[kKeyStep];
     uint32_t* k_words = reinterpret_cast<uint32_t*>(k_packed_.data());
-    for (int64_t j = 0; j < keys_; ++j) {
-      uint32_t* dst = k_words + j;
-      if (j < n) {
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(k.row(b, kv_head, key_pos[j]));
-        for (int64_t w = 0; w < words; ++w) dst[w * keys_] = src[w];
-      } else {
-        for (int64_t w = 0; w < words; ++w) dst[w * keys_] = 0;
-      }
-    }
-    for (int64_t j = 0; j < keys_; j += 2) {
-      const uint16_t* even = j < n ? bits(v.row(b, kv_head, key_pos[j])) : zeros_.data();
-      const uint16_t* odd = j + 1 < n ? bits(v.row(b, kv_head, key_pos[j + 1])) : zeros_.data();
-      for (int64_t c = 0; c < D; c += kPackedColumns) {
-        const int64_t width = std::min(kPackedColumns, D - c);
-        interleave(even + c, odd + c, width, v_packed_.data() + c * keys_ + j * width);
-      }
+    const uint32_t* zeros = reinterpret_cast<const uint32_t*>(zeros_.data());
+    for (int64_t j0 = 0; j0 < ld; j0 += kKeyStep) {
+      for (int64_t j = 0; j < kKeyStep; ++j)
+        rows[j] = j0 + j < n ? reinterpret_cast<const uint32_t*>(k.row(b, kv_head, key_pos[j0 + j]))
+                             : zeros;
+      transpose_words(rows, head_dim_ / 2, k_words + j0, ld);
     }
   }
 
-  static const uint16_t* bits(const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); }
+  // dst[w * ld + j] = rows[j][w] for j < kKeyStep, w < words.
+  S2O_CPU_CLONES
+  static void transpose_words(const uint32_t* const* rows, int64_t words, uint32_t* dst, int64_t ld) {
+    for (int64_t w = 0; w < words; ++w)
+      for (int64_t j = 0; j < kKeyStep; ++j) dst[w * ld + j] = rows[j][w];
+  }
 
+  // V rows into v_packed_ as [ld/2][D][2]: keys 2i and 2i+1 interleaved; keys j >= n are zero.
+  void gather_values(const Operand<scalar_t>& v, int64_t b, int64_t kv_head, const int64_t* key_pos,
+                     int64_t n, int64_t ld) {
+    const int64_t D = head_dim_;
+    for (int64_t j = 0; j < ld; j += 2) {
+      const uint16_t* even = j < n ? bits(v.row(b, kv_head, key_pos[j])) : zeros_.data();
+      const uint16_t* odd = j + 1 < n ? bits(v.row(b, kv_head, key_pos[j + 1])) : zeros_.data();
+      interleave(even, odd, D, v_packed_.data() + j * D);
+    }
+  }
+
+  // dst[2d] = even[d], dst[2d + 1] = odd[d], as 32-bit words (little-endian: even in the low half).
   S2O_CPU_CLONES
   static void interleave(const uint16_t* even, const uint16_t* odd, int64_t n, uint16_t* dst) {
-    for (int64_t d = 0; d < n; ++d) {
-      dst[2 * d] = even[d];
-      dst[2 * d + 1] = odd[d];
-    }
+    uint32_t* words = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t d = 0; d < n; ++d) words[d] = uint32_t{even[d]} | (uint32_t{odd[d]} << 16);
   }
 
   RowState rows_;
-  int64_t head_dim_;
+  int64_t head_dim_, block_n_;
   float scale_;
-  int64_t keys_;                   // keys per packed tile: block_n rounded up to kPackedColumnStep
-  std::vector<uint16_t> q_;        // [rows][D] bf16 bits, unscaled (scale applies to the scores)
-  std::vector<uint16_t> k_packed_; // [D/2][keys][2] bf16 bits
-  std::vector<uint16_t> v_packed_; // [keys/2][D][2] bf16 bits, in column blocks
-  std::vector<float> s_;           // [rows][keys] scores, then probabilities
-  std::vector<uint16_t> p_;        // [rows][keys] probabilities in bf16
-  std::vector<uint16_t> zeros_;    // [D] the padding keys' rows
+  int64_t span_tiles_;              // tiles per span
+  int64_t capacity_;                // keys of a span, padded to kKeyStep
+  std::vector<uint16_t> q_;         // [rows][D] bf16 bits, unscaled (scale applies to the scores)
+  std::vector<uint16_t> k_packed_;  // [D/2][ld][2] bf16 bits
+  std::vector<uint16_t> v_packed_;  // [ld/2][D][2] bf16 bits
+  std::vector<float> s_;            // [rows][ld] scores, then probabilities
+  std::vector<uint16_t> p_;         // [rows][ld] probabilities in bf16, in the last tile's frame
+  std::vector<float> alphas_;       // [span tiles][rows] each folded tile's rescale
+  std::vector<uint16_t> zeros_;     // [D] the padding keys' rows
 };
 
 }  // namespace s2o::cpu

@@ -66,7 +66,8 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
   };
   cpu::parallel_for_each(units_per_tile * shape.num_q_tiles, make_tiles, [&](Tiles& tiles, int64_t order) {
     cpu::RowState& st = tiles.rows();
-    std::vector<int64_t> key_pos(bn);
+    const int64_t span = tiles.span_keys();
+    std::vector<int64_t> key_pos(span);
     const int64_t tile = shape.num_q_tiles - 1 - order / units_per_tile;
     const int64_t h = order % shape.units;
     const int64_t b = (order / shape.units) % shape.batch;
@@ -94,14 +95,14 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
       tiles.load_query(r, i >= 0 ? q.row(b, head, i) : nullptr, q.s3);
     }
 
-    int32_t computed = 0;
+    int64_t computed = 0;
     if (layout.is_causal) {  // Pass 1: local keys, dense, causal mask on original positions
       const int64_t local_end = std::min(last_pos + 1, layout.num_keys);
-      for (int64_t k0 = layout.segment_start(segment); k0 < local_end; k0 += bn) {
-        const int64_t n = std::min(bn, local_end - k0);
+      const auto every_tile = [](float) { return true; };
+      for (int64_t k0 = layout.segment_start(segment); k0 < local_end; k0 += span) {
+        const int64_t n = std::min(span, local_end - k0);
         for (int64_t j = 0; j < n; ++j) key_pos[j] = k0 + j;
-        tiles.fold(k, v, b, kv_head, key_pos.data(), n, /*causal_mask=*/true);
-        ++computed;
+        computed += tiles.fold_span(k, v, b, kv_head, key_pos.data(), n, /*causal_mask=*/true, every_tile);
       }
     }
     // Pass 2: the ranked history, early-stopped.
@@ -109,24 +110,26 @@ void sparse_attention_kernel(const at::Tensor& query, const at::Tensor& key, con
     const int32_t* ranked =
         idx + (b * shape.ordering_heads + list_head) * total + layout.history_offset(segment);
     const int64_t history_tiles = ceil_div(history, bn);
-    int64_t quiet_tiles = 0;
-    for (int64_t t0 = 0; t0 < history; t0 += bn) {
-      const int64_t n = std::min(bn, history - t0);
+    int64_t history_tile = 0, quiet_tiles = 0;
+    bool stopped = false;
+    const auto keep_going = [&](float max_ratio) {
+      const float bar = tile_stop_threshold(threshold, shape.tail_threshold, history_tiles - ++history_tile);
+      quiet_tiles = max_ratio < bar ? quiet_tiles + 1 : 0;
+      stopped = quiet_tiles >= shape.patience;
+      return !stopped;
+    };
+    for (int64_t t0 = 0; t0 < history && !stopped; t0 += span) {
+      const int64_t n = std::min(span, history - t0);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t key_index = ranked[t0 + j];
         S2O_CHECK(key_index >= 0 && key_index < history, "indices: entry ", key_index,
                   " is outside its segment's history [0, ", history, ")");
         key_pos[j] = key_index;
       }
-      const float max_ratio = tiles.fold(k, v, b, kv_head, key_pos.data(), n, /*causal_mask=*/false);
-      ++computed;
-      const float bar =
-          tile_stop_threshold(threshold, shape.tail_threshold, history_tiles - t0 / bn - 1);
-      quiet_tiles = max_ratio < bar ? quiet_tiles + 1 : 0;
-      if (quiet_tiles >= shape.patience) break;
+      computed += tiles.fold_span(k, v, b, kv_head, key_pos.data(), n, /*causal_mask=*/false, keep_going);
     }
 
-    counts[unit] = computed;
+    counts[unit] = static_cast<int32_t>(computed);
     for (int64_t r = 0; r < rows; ++r) {
       if (st.pos[r] < 0) continue;
       const int64_t head = first_head + r / bm, i = row_begin + r % bm;
@@ -157,7 +160,7 @@ void sparse_attention_cpu(const SparseAttentionCall& call) {
   shape.tail_threshold = call.tail_threshold;
   shape.patience = call.patience;
   shape.scale = static_cast<float>(call.scale);
-  if (cpu::matrix_tiles_available(query, call.key, call.value, shape.block_n)) {
+  if (cpu::matrix_tiles_available(query, call.key, call.value)) {
     sparse_attention_kernel<cpu::MatrixTiles, at::BFloat16>(query, call.key, call.value,
                                                             call.indices, call.unit_threshold,
                                                             shape, call.out, call.lse,
