@@ -6,8 +6,8 @@ AVX-512 / AMX underneath), s2o at threshold 0 (exact) and s2o at the default con
 median seconds after a warm-up call, s2o's speedup over SDPA of the same dtype, dense-equivalent
 GFLOP/s, density, and the error against fp32 SDPA over all rows (relative L2, the worst head, the
 worst block of 128 rows). The header names the CPU, its matrix and vector extensions, and the ISA
-PyTorch's own kernels dispatch to; s2o's bf16 tile products run on the matrix units where
-the CPU has them (AMX or AVX-512 bf16; ``S2O_CPU_MATRIX_UNITS=0`` forces its fp32 loops).
+PyTorch's own kernels dispatch to; s2o's bf16 tile products run through oneDNN's micro-kernel
+(AMX or AVX-512; ``S2O_CPU_MATRIX_UNITS=0`` forces its fp32 loops).
 
     python -m benchmarks.cpu_speed
     python -m benchmarks.cpu_speed --lengths 8192 16384 32768 --data structured --dtypes bf16
@@ -65,7 +65,7 @@ def cpu_description() -> dict[str, str]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "s2o_matrix_units": "off (S2O_CPU_MATRIX_UNITS=0)"
         if os.environ.get("S2O_CPU_MATRIX_UNITS") == "0"
-        else "bf16 tile products on the matrix units where the CPU has them",
+        else "bf16 tile products on oneDNN's micro-kernel where it runs (AMX or AVX-512)",
     }
 
 
