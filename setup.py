@@ -100,7 +100,8 @@ def extension():
         os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
     )
     include_dirs = [csrc, os.path.join(csrc, "include")]
-    cxx_flags = ["-O3"]
+    # -g0: no debug info (Python's CFLAGS add -g), a fifth of the compile time
+    cxx_flags = ["-O3", "-g0"]
     link_flags = []
     if torch.backends.openmp.is_available():
         # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp it runs serially.

@@ -1,7 +1,7 @@
 // Argument checks shared by the CPU and CUDA host wrappers. Every message names the argument.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <cstdint>

@@ -3,7 +3,7 @@
 // raises a clear error for anything else.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include "message.h"
 

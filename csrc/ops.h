@@ -5,7 +5,8 @@
 // A device's kernel adds only the checks of its own limits.
 #pragma once
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <optional>

@@ -20,7 +20,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cmath>
