@@ -290,7 +290,8 @@ _CPU_TILES_SCRIPT = """
 import sys, torch
 from s2o import S2OConfig, data
 from s2o.plan import Plan
-q, k, v = data.structured_qkv(700, q_heads=4, kv_heads=2, head_dim=64, seed=3)
+q, k, v = data.structured_qkv(700, q_heads=4, kv_heads=2, head_dim=64, seed=3,
+                              dtype=getattr(torch, sys.argv[3]))
 plan = Plan.for_call(S2OConfig(threshold=float(sys.argv[2]), min_keys=1), q.shape, k.shape,
                      is_causal=True, scale=None)
 out, lse, counts = plan.attend(q, k, v, plan.permute(plan.estimate(q, k)))
@@ -298,11 +299,12 @@ torch.save((out, lse, counts, plan.block_m), sys.argv[1])
 """
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("threshold", [0.0, 0.003])
-def test_cpu_matrix_unit_tiles_agree_with_the_fp32_loops(tmp_path, threshold):
-    """bf16 tile products run on the matrix units where the CPU has them; S2O_CPU_MATRIX_UNITS=0
-    forces the fp32 loops. Both compute the same attention (a process each: the switch is read
-    once)."""
+def test_cpu_matrix_unit_tiles_agree_with_the_fp32_loops(tmp_path, threshold, dtype):
+    """bf16 and fp32 tile products run on ATen's micro-kernels (bf16 where the CPU has them);
+    S2O_CPU_MATRIX_UNITS=0 forces the fp32 loops. Both compute the same attention (a process
+    each: the switch is read once)."""
     import os
     import subprocess
     import sys
@@ -311,11 +313,11 @@ def test_cpu_matrix_unit_tiles_agree_with_the_fp32_loops(tmp_path, threshold):
     for setting in ("1", "0"):
         path = tmp_path / f"tiles{setting}.pt"
         env = {**os.environ, "S2O_CPU_MATRIX_UNITS": setting}
-        subprocess.run([sys.executable, "-c", _CPU_TILES_SCRIPT, str(path), str(threshold)],
-                       env=env, check=True)  # fmt: skip
+        args = [str(path), str(threshold), str(dtype).removeprefix("torch.")]
+        subprocess.run([sys.executable, "-c", _CPU_TILES_SCRIPT, *args], env=env, check=True)
         results[setting] = torch.load(path)
     (out, lse, counts, block_m), (loop_out, loop_lse, loop_counts, _) = results["1"], results["0"]
-    atol, rtol = TOLERANCES[torch.bfloat16]
+    atol, rtol = TOLERANCES[dtype]
     # Tile counts may differ only at near-threshold stop decisions.
     assert (counts == loop_counts).float().mean() > 0.95
     same = (counts == loop_counts).repeat_interleave(block_m, dim=-1)[..., : out.shape[2]]

@@ -2,11 +2,11 @@
 // one interface, and the online softmax they share:
 //   LoopTiles    fp32 products in our own register-blocked loops: every dtype and shape, the
 //                readable specification.
-//   MatrixTiles  bf16 products on the CPU's matrix units (AMX, or AVX-512 bf16) through the
-//                oneDNN micro-kernels PyTorch links (at::native::cpublas::brgemm), fp32
-//                accumulation: K/V rows are gathered by index straight into the packed (VNNI)
-//                layout the micro-kernel reads, and the probabilities are rounded to bf16 for
-//                the value product, as GPU kernels do.
+//   MatrixTiles  bf16 and fp32 products on the micro-kernels PyTorch links through ATen
+//                (at::native::cpublas::brgemm: oneDNN on AMX, AVX-512 or AVX2), fp32
+//                accumulation: K/V rows are gathered by index straight into the layout the
+//                micro-kernel reads (for bf16 the packed VNNI one), and for bf16 the
+//                probabilities are rounded to bf16 for the value product, as GPU kernels do.
 // A tile object is one thread's state for one work unit of `rows` query rows at a time
 //   (row r: absolute position pos[r], or -1 for a padding row beyond the queries):
 //   load_query(r, ...)   loads row r's query and resets its softmax state;
@@ -29,6 +29,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "s2o/layout.h"
@@ -297,18 +298,22 @@ inline bool bf16_micro_kernel_works() {
   return true;
 }
 
-// Whether MatrixTiles serves these shapes on this machine. S2O_CPU_MATRIX_UNITS=0 turns it off
-// (then LoopTiles serves every call), e.g. to compare the two.
+// Whether MatrixTiles serves these shapes on this machine: fp32 always (ATen runs its own GEMM
+// where oneDNN's micro-kernel does not), bf16 where the micro-kernel works and oneDNN is on
+// (torch.backends.mkldnn.enabled = False turns it off for ATen too). S2O_CPU_MATRIX_UNITS=0
+// turns MatrixTiles off (then LoopTiles serves every call), e.g. to compare the two.
 // The gathers read whole rows: the head dim must be the operands' contiguous one.
 inline bool matrix_tiles_available(const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& value) {
   static const bool enabled = [] {
     const char* env = std::getenv("S2O_CPU_MATRIX_UNITS");
-    return (env == nullptr || std::string(env) != "0") && bf16_micro_kernel_works();
+    return env == nullptr || std::string(env) != "0";
   }();
-  // (torch.backends.mkldnn.enabled = False turns oneDNN off for ATen's micro-kernel too)
-  return enabled && at::globalContext().userEnabledMkldnn() && query.scalar_type() == at::kBFloat16 && query.size(3) % kKeyStep == 0 &&
-         key.stride(3) == 1 && value.stride(3) == 1;
+  if (!enabled || query.size(3) % kKeyStep != 0 || key.stride(3) != 1 || value.stride(3) != 1)
+    return false;
+  if (query.scalar_type() == at::kFloat) return true;
+  static const bool bf16_works = bf16_micro_kernel_works();
+  return query.scalar_type() == at::kBFloat16 && bf16_works && at::globalContext().userEnabledMkldnn();
 }
 
 // dst[j] = bf16(src[j] * factor), round to nearest even (NaN stays NaN: its quiet bit survives).
@@ -323,24 +328,35 @@ inline void round_to_bf16(const float* src, int64_t n, float factor, uint16_t* d
   }
 }
 
-class MatrixTiles {
- public:
-  using scalar_t = at::BFloat16;
+// dst[j] = src[j] * factor.
+S2O_CPU_CLONES
+inline void scale_to(const float* src, int64_t n, float factor, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * factor;
+}
+inline void scale_to(const float* src, int64_t n, float factor, at::BFloat16* dst) {
+  round_to_bf16(src, n, factor, reinterpret_cast<uint16_t*>(dst));
+}
 
+template <typename scalar_t>
+class MatrixTiles {
+  // bf16: the micro-kernel's B operand is packed (VNNI), pairs of consecutive K entries side by side
+  static constexpr bool kPairs = std::is_same_v<scalar_t, at::BFloat16>;
+
+ public:
   MatrixTiles(int64_t rows, int64_t head_dim, int64_t block_n, float scale)
       : rows_(rows, head_dim), head_dim_(head_dim), block_n_(block_n), scale_(scale),
         span_tiles_(std::max<int64_t>(1, kSpanKeys / block_n)),
         capacity_(ceil_div(span_tiles_ * block_n, kKeyStep) * kKeyStep), q_(rows * head_dim),
         k_packed_(head_dim * capacity_), v_packed_(capacity_ * head_dim), s_(rows * capacity_),
-        p_(rows * capacity_), alphas_(span_tiles_ * rows), zeros_(head_dim, 0) {}
+        p_(rows * capacity_), alphas_(span_tiles_ * rows), zeros_(head_dim, scalar_t(0.0f)) {}
 
   RowState& rows() { return rows_; }
   int64_t span_keys() const { return span_tiles_ * block_n_; }
 
   void load_query(int64_t r, const scalar_t* src, int64_t stride) {
     rows_.reset(r, head_dim_);
-    uint16_t* qr = q_.data() + r * head_dim_;
-    for (int64_t d = 0; d < head_dim_; ++d) qr[d] = src ? src[d * stride].x : 0;
+    scalar_t* qr = q_.data() + r * head_dim_;
+    for (int64_t d = 0; d < head_dim_; ++d) qr[d] = src ? src[d * stride] : scalar_t(0.0f);
   }
 
   // Folds n <= span_keys() keys, tile by tile of block_n keys, into every row: after each tile,
@@ -353,8 +369,8 @@ class MatrixTiles {
     const int64_t ld = ceil_div(n, kKeyStep) * kKeyStep;
     gather_keys(k, b, kv_head, key_pos, n, ld);
     // s = q k^T over the span (padding keys are zero rows: their scores are 0 and unused)
-    at::native::cpublas::brgemm(num_rows, ld, D, D, ld, ld, /*add_C=*/false, bf16(q_.data()),
-                                bf16(k_packed_.data()), s_.data());
+    at::native::cpublas::brgemm(num_rows, ld, D, D, ld, ld, /*add_C=*/false, q_.data(),
+                                k_packed_.data(), s_.data());
     int64_t tiles = 0, keys = 0;
     while (keys < n) {
       const int64_t width = std::min(block_n_, n - keys);
@@ -370,31 +386,31 @@ class MatrixTiles {
   }
 
   // Releases the matrix units' configuration (once per thread, after its last tile).
-  ~MatrixTiles() { at::native::cpublas::brgemm_release(); }
+  ~MatrixTiles() { at::native::cpublas::brgemm_release(kPairs); }
 
  private:
   // acc = acc * (rescale over the folded tiles) + p v for the first `keys` keys of the span, whose
   // probabilities tile t took in the max frame after tile t: they are brought to the last
-  // tile's frame (tile t by the alphas of the tiles after it) while rounding them to bf16.
+  // tile's frame (tile t by the alphas of the tiles after it) on their way into p_.
   void accumulate(const Operand<scalar_t>& v, int64_t b, int64_t kv_head, const int64_t* key_pos,
                   int64_t keys, int64_t tiles, int64_t ld_s) {
     const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
     const int64_t ld = ceil_div(keys, kKeyStep) * kKeyStep;
     for (int64_t r = 0; r < num_rows; ++r) {
       const float* sr = s_.data() + r * ld_s;
-      uint16_t* pr = p_.data() + r * ld;
+      scalar_t* pr = p_.data() + r * ld;
       float factor = 1.0f;
       for (int64_t t = tiles - 1; t >= 0; --t) {
         const int64_t first = t * block_n_, width = std::min(block_n_, keys - first);
-        round_to_bf16(sr + first, width, factor, pr + first);
+        scale_to(sr + first, width, factor, pr + first);
         factor *= alphas_[t * num_rows + r];
       }
-      std::fill(pr + keys, pr + ld, uint16_t{0});  // padding keys carry no mass
+      std::fill(pr + keys, pr + ld, scalar_t(0.0f));  // padding keys carry no mass
       if (factor != 1.0f) scale_row(rows_.acc.data() + r * D, D, factor);
     }
     gather_values(v, b, kv_head, key_pos, keys, ld);
-    at::native::cpublas::brgemm(num_rows, D, ld, ld, D, D, /*add_C=*/true, bf16(p_.data()),
-                                bf16(v_packed_.data()), rows_.acc.data());
+    at::native::cpublas::brgemm(num_rows, D, ld, ld, D, D, /*add_C=*/true, p_.data(),
+                                v_packed_.data(), rows_.acc.data());
   }
 
   S2O_CPU_CLONES
@@ -402,12 +418,10 @@ class MatrixTiles {
     for (int64_t d = 0; d < n; ++d) x[d] *= factor;
   }
 
-  static const scalar_t* bf16(const uint16_t* p) { return reinterpret_cast<const scalar_t*>(p); }
-  static const uint16_t* bits(const scalar_t* p) { return reinterpret_cast<const uint16_t*>(p); }
-
-  // K rows into k_packed_ as [D/2][ld][2]: the 32-bit word of the pair (d, d+1) of key j at word
-  // (d/2)*ld + j; keys j >= n are zero. In blocks of kKeyStep keys, so that each store fills
-  // a run of kKeyStep words (strided single-word stores cost more than the score product).
+  // K rows into k_packed_ as [D][ld] for fp32, [D/2][ld][2] for bf16: either way the 32-bit word
+  // w of key j's row at word w*ld + j; keys j >= n are zero. In blocks of kKeyStep keys, so that
+  // each store fills a run of kKeyStep words (strided single-word stores cost more than the
+  // score product).
   void gather_keys(const Operand<scalar_t>& k, int64_t b, int64_t kv_head, const int64_t* key_pos,
                    int64_t n, int64_t ld) {
     const uint32_t* rows[kKeyStep];
@@ -417,7 +431,7 @@ class MatrixTiles {
       for (int64_t j = 0; j < kKeyStep; ++j)
         rows[j] = j0 + j < n ? reinterpret_cast<const uint32_t*>(k.row(b, kv_head, key_pos[j0 + j]))
                              : zeros;
-      transpose_words(rows, head_dim_ / 2, k_words + j0, ld);
+      transpose_words(rows, head_dim_ * sizeof(scalar_t) / sizeof(uint32_t), k_words + j0, ld);
     }
   }
 
@@ -428,16 +442,22 @@ class MatrixTiles {
       for (int64_t j = 0; j < kKeyStep; ++j) dst[w * ld + j] = rows[j][w];
   }
 
-  // V rows into v_packed_ as [ld/2][D][2]: keys 2i and 2i+1 interleaved; keys j >= n are zero.
+  // V rows into v_packed_: [ld][D] for fp32; [ld/2][D][2] for bf16 (keys 2i and 2i+1
+  // interleaved). Keys j >= n are zero.
   void gather_values(const Operand<scalar_t>& v, int64_t b, int64_t kv_head, const int64_t* key_pos,
                      int64_t n, int64_t ld) {
     const int64_t D = head_dim_;
-    for (int64_t j = 0; j < ld; j += 2) {
-      const uint16_t* even = j < n ? bits(v.row(b, kv_head, key_pos[j])) : zeros_.data();
-      const uint16_t* odd = j + 1 < n ? bits(v.row(b, kv_head, key_pos[j + 1])) : zeros_.data();
-      interleave(even, odd, D, v_packed_.data() + j * D);
+    const auto row = [&](int64_t j) { return j < n ? v.row(b, kv_head, key_pos[j]) : zeros_.data(); };
+    if constexpr (kPairs) {
+      for (int64_t j = 0; j < ld; j += 2)
+        interleave(bits(row(j)), bits(row(j + 1)), D, bits(v_packed_.data() + j * D));
+    } else {
+      for (int64_t j = 0; j < ld; ++j) std::memcpy(v_packed_.data() + j * D, row(j), D * sizeof(scalar_t));
     }
   }
+
+  static const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+  static uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
   // dst[2d] = even[d], dst[2d + 1] = odd[d], as 32-bit words (little-endian: even in the low half).
   S2O_CPU_CLONES
@@ -451,13 +471,13 @@ class MatrixTiles {
   float scale_;
   int64_t span_tiles_;              // tiles per span
   int64_t capacity_;                // keys of a span, padded to kKeyStep
-  std::vector<uint16_t> q_;         // [rows][D] bf16 bits, unscaled (scale applies to the scores)
-  std::vector<uint16_t> k_packed_;  // [D/2][ld][2] bf16 bits
-  std::vector<uint16_t> v_packed_;  // [ld/2][D][2] bf16 bits
+  std::vector<scalar_t> q_;         // [rows][D] unscaled (scale applies to the scores)
+  std::vector<scalar_t> k_packed_;  // see gather_keys
+  std::vector<scalar_t> v_packed_;  // see gather_values
   std::vector<float> s_;            // [rows][ld] scores, then probabilities
-  std::vector<uint16_t> p_;         // [rows][ld] probabilities in bf16, in the last tile's frame
+  std::vector<scalar_t> p_;         // [rows][ld] probabilities in the last tile's frame
   std::vector<float> alphas_;       // [span tiles][rows] each folded tile's rescale
-  std::vector<uint16_t> zeros_;     // [D] the padding keys' rows
+  std::vector<scalar_t> zeros_;     // [D] the padding keys' rows
 };
 
 }  // namespace s2o::cpu

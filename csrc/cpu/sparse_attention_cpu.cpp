@@ -160,11 +160,14 @@ void sparse_attention_cpu(const SparseAttentionCall& call) {
   shape.tail_threshold = call.tail_threshold;
   shape.patience = call.patience;
   shape.scale = static_cast<float>(call.scale);
-  if (cpu::matrix_tiles_available(query, call.key, call.value)) {
-    sparse_attention_kernel<cpu::MatrixTiles, at::BFloat16>(query, call.key, call.value,
-                                                            call.indices, call.unit_threshold,
-                                                            shape, call.out, call.lse,
-                                                            call.tile_counts);
+  if (cpu::matrix_tiles_available(query, call.key, call.value)) {  // fp32 or bf16
+    const auto run = [&](auto element) {
+      using scalar_t = decltype(element);
+      sparse_attention_kernel<cpu::MatrixTiles<scalar_t>, scalar_t>(
+          query, call.key, call.value, call.indices, call.unit_threshold, shape, call.out,
+          call.lse, call.tile_counts);
+    };
+    query.scalar_type() == at::kFloat ? run(float{}) : run(at::BFloat16{});
     return;
   }
   S2O_DISPATCH_CPU_FLOAT(query.scalar_type(), "sparse_attention", [&] {
