@@ -265,11 +265,12 @@ class LoopTiles {
   std::vector<float> s_;   // [rows][block_n] scores, then probabilities
 };
 
-// ---- MatrixTiles: bf16 products on the matrix units ----
+// ---- MatrixTiles: bf16 and fp32 products on ATen's micro-kernels ----
 
-// The micro-kernel's packed B operand is [K / 2][N][2] (pairs of consecutive K entries side by
-// side); a span of keys is padded to whole groups of kKeyStep keys.
+// A span of keys is padded to whole groups of kKeyStep keys (for bf16 the micro-kernel's B
+// operand is packed as [K / 2][N][2], pairs of consecutive K entries side by side).
 constexpr int64_t kKeyStep = 16;
+inline int64_t padded_keys(int64_t keys) { return ceil_div(keys, kKeyStep) * kKeyStep; }
 // Keys per score product: a product of one 64-key tile runs at a fraction of the micro-kernel's
 // speed, so several tiles share one; after a stop, the tiles left in the span cost their score
 // product only (their values are not gathered).
@@ -316,25 +317,22 @@ inline bool matrix_tiles_available(const at::Tensor& query, const at::Tensor& ke
   return query.scalar_type() == at::kBFloat16 && bf16_works && at::globalContext().userEnabledMkldnn();
 }
 
-// dst[j] = bf16(src[j] * factor), round to nearest even (NaN stays NaN: its quiet bit survives).
+// dst[j] = src[j] * factor (dst may be src).
 S2O_CPU_CLONES
-inline void round_to_bf16(const float* src, int64_t n, float factor, uint16_t* dst) {
+inline void scale_to(const float* src, int64_t n, float factor, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * factor;
+}
+// The same rounded to bf16, to nearest even (NaN stays NaN: its quiet bit survives).
+S2O_CPU_CLONES
+inline void scale_to(const float* src, int64_t n, float factor, at::BFloat16* dst) {
+  uint16_t* dst_bits = reinterpret_cast<uint16_t*>(dst);
   for (int64_t j = 0; j < n; ++j) {
     const float x = src[j] * factor;
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
     bits += 0x7FFFu + ((bits >> 16) & 1u);
-    dst[j] = static_cast<uint16_t>(bits >> 16);
+    dst_bits[j] = static_cast<uint16_t>(bits >> 16);
   }
-}
-
-// dst[j] = src[j] * factor.
-S2O_CPU_CLONES
-inline void scale_to(const float* src, int64_t n, float factor, float* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * factor;
-}
-inline void scale_to(const float* src, int64_t n, float factor, at::BFloat16* dst) {
-  round_to_bf16(src, n, factor, reinterpret_cast<uint16_t*>(dst));
 }
 
 template <typename scalar_t>
@@ -346,7 +344,7 @@ class MatrixTiles {
   MatrixTiles(int64_t rows, int64_t head_dim, int64_t block_n, float scale)
       : rows_(rows, head_dim), head_dim_(head_dim), block_n_(block_n), scale_(scale),
         span_tiles_(std::max<int64_t>(1, kSpanKeys / block_n)),
-        capacity_(ceil_div(span_tiles_ * block_n, kKeyStep) * kKeyStep), q_(rows * head_dim),
+        capacity_(padded_keys(span_tiles_ * block_n)), q_(rows * head_dim),
         k_packed_(head_dim * capacity_), v_packed_(capacity_ * head_dim), s_(rows * capacity_),
         p_(rows * capacity_), alphas_(span_tiles_ * rows), zeros_(head_dim, scalar_t(0.0f)) {}
 
@@ -366,7 +364,7 @@ class MatrixTiles {
                     int64_t kv_head, const int64_t* key_pos, int64_t n, bool causal_mask,
                     const KeepGoing& keep_going) {
     const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
-    const int64_t ld = ceil_div(n, kKeyStep) * kKeyStep;
+    const int64_t ld = padded_keys(n);
     gather_keys(k, b, kv_head, key_pos, n, ld);
     // s = q k^T over the span (padding keys are zero rows: their scores are 0 and unused)
     at::native::cpublas::brgemm(num_rows, ld, D, D, ld, ld, /*add_C=*/false, q_.data(),
@@ -395,7 +393,7 @@ class MatrixTiles {
   void accumulate(const Operand<scalar_t>& v, int64_t b, int64_t kv_head, const int64_t* key_pos,
                   int64_t keys, int64_t tiles, int64_t ld_s) {
     const int64_t D = head_dim_, num_rows = static_cast<int64_t>(rows_.pos.size());
-    const int64_t ld = ceil_div(keys, kKeyStep) * kKeyStep;
+    const int64_t ld = padded_keys(keys);
     for (int64_t r = 0; r < num_rows; ++r) {
       const float* sr = s_.data() + r * ld_s;
       scalar_t* pr = p_.data() + r * ld;
@@ -406,16 +404,12 @@ class MatrixTiles {
         factor *= alphas_[t * num_rows + r];
       }
       std::fill(pr + keys, pr + ld, scalar_t(0.0f));  // padding keys carry no mass
-      if (factor != 1.0f) scale_row(rows_.acc.data() + r * D, D, factor);
+      float* acc = rows_.acc.data() + r * D;
+      if (factor != 1.0f) scale_to(acc, D, factor, acc);
     }
     gather_values(v, b, kv_head, key_pos, keys, ld);
     at::native::cpublas::brgemm(num_rows, D, ld, ld, D, D, /*add_C=*/true, p_.data(),
                                 v_packed_.data(), rows_.acc.data());
-  }
-
-  S2O_CPU_CLONES
-  static void scale_row(float* x, int64_t n, float factor) {
-    for (int64_t d = 0; d < n; ++d) x[d] *= factor;
   }
 
   // K rows into k_packed_ as [D][ld] for fp32, [D/2][ld][2] for bf16: either way the 32-bit word
