@@ -128,8 +128,11 @@ def _check_arguments(query, key, value, dropout_p, scale, enable_gqa) -> None:
             )
 
 
-def _fallback_reason(query, key, value, attn_mask, dropout_p, config) -> tuple[str, str] | None:
-    """(reason, detail) when the sparse path cannot serve this call, else None."""
+def _fallback_reason(
+    query, key, value, attn_mask, dropout_p, config, *, num_queries=None, num_keys=None
+) -> tuple[str, str] | None:
+    """(reason, detail) when the sparse path cannot serve this call, else None. ``num_queries``,
+    ``num_keys``: the call's lengths where query and key hold only part of it (None: theirs)."""
     if attn_mask is not None:
         return "attn_mask", "a general attention mask is not supported by the sparse path"
     if dropout_p > 0.0:
@@ -143,10 +146,12 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, config) -> tuple[s
             "rank",
             f"inputs of rank {query.dim()}; the sparse path takes [B, H, N, D] or [B, N, D]",
         )
-    if query.shape[-2] == 1:
+    num_queries = query.shape[-2] if num_queries is None else num_queries
+    num_keys = key.shape[-2] if num_keys is None else num_keys
+    if num_queries == 1:
         return "decode", "a single query row (decode step)"
-    if key.shape[-2] < config.min_keys:
-        return "short", f"{key.shape[-2]} keys < config.min_keys={config.min_keys}"
+    if num_keys < config.min_keys:
+        return "short", f"{num_keys} keys < config.min_keys={config.min_keys}"
     if value.shape[-1] != query.shape[-1] or value.shape[:-1] != key.shape[:-1]:
         return "value_shape", "value must have key's shape (same head count, length, head dim)"
     if not (query.dtype == key.dtype == value.dtype):
@@ -261,64 +266,21 @@ def attention(
     if squeeze_heads:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     plan = Plan.for_call(config, query.shape, key.shape, is_causal=is_causal, scale=scale)
-    group = query.shape[1] // key.shape[1]
-    # Scores and ranked indices grow with the square of the length: rank and attend a few KV
-    # heads at a time (plan.kv_chunks) so that their scratch stays within config.workspace_bytes.
-    out = query.new_empty(query.shape) if len(plan.kv_chunks) > 1 else None
-    exact = None  # the exact sampled rows of every head, after the first chunk
-    all_counts, checks = [], []
-    for kv_begin, kv_end in plan.kv_chunks:
-        q_chunk = query[:, kv_begin * group : kv_end * group]
-        k_chunk, v_chunk = key[:, kv_begin:kv_end], value[:, kv_begin:kv_end]
-        scores = plan.estimate(q_chunk, k_chunk)
-        if clock is not None:
-            clock.lap("estimate")
-        indices = plan.permute(scores)
-        del scores
-        if clock is not None:
-            clock.lap("permute")
-        attend = functools.partial(plan.attend, q_chunk, k_chunk, v_chunk, indices)
-        out_chunk, _, tile_counts = attend()
-        if clock is not None:
-            clock.lap("attend")
-        if config.estimate_rows > 0:
-            if exact is None:
-                # Rows drawn by the first chunk's output norms, computed for every head in one
-                # dense call (one call per chunk at 128K, 8-16 chunks, costs several times
-                # more: each fills only part of the GPU).
-                weights = error_estimate.row_weights(out_chunk)
-                rows, factors = error_estimate.sample_rows(weights, config.estimate_rows)
-                exact = error_estimate.exact_rows(
-                    query, key, value, rows, q_offset=plan.layout.q_offset, is_causal=is_causal,
-                    scale=scale,
-                )  # fmt: skip
-            squared, reference = error_estimate.sampled_squared_error(
-                out_chunk, exact[:, kv_begin * group : kv_end * group], rows, factors
-            )
-            head_error = error_estimate.relative_error(squared, reference)
-            over = torch.zeros_like(head_error, dtype=torch.bool)
-            if config.error_budget is not None:
-                if config.is_strict():
-                    _raise_over_budget(head_error, kv_begin * group, config.error_budget)
-                squared, over, redo_counts = _recompute_over_budget(
-                    attend, out_chunk, squared, reference, config, group
-                )
-                tile_counts = tile_counts + redo_counts
-            checks.append((head_error, over, squared, reference))
-            if clock is not None:
-                clock.lap("check")
-        del indices, attend
-        if out is None:
-            out = out_chunk
-        else:
-            out[:, kv_begin * group : kv_end * group].copy_(out_chunk)
-        all_counts.append(tile_counts)
+    result = run_pieces(
+        [QueryPiece(query, key, value, plan, first_row=0)],
+        query_shape=query.shape,
+        kv_chunks=plan.kv_chunks,
+        config=config,
+        device=query.device,
+        clock=clock,
+    )
+    out = result.outs[0]
     if squeeze_heads:
         out = out.squeeze(1)
     if clock is None:
         return out
 
-    tile_counts = torch.cat(all_counts, dim=1)
+    tile_counts = result.tile_counts[0]
     dense = plan.dense_tiles() * tile_counts.shape[0] * tile_counts.shape[1]
     computed = int(tile_counts.sum())
     stats = S2OStats(
@@ -330,23 +292,179 @@ def attention(
         block_n=plan.block_n,
         time_ms=clock.times,
     )
+    if result.head_error is not None:
+        stats.head_error, stats.recomputed = result.head_error, result.recomputed
+        stats.error = float(error_estimate.relative_error(result.squared.sum(),
+                                                          result.reference.sum()))  # fmt: skip
+        stats.recomputed_heads = int(result.recomputed.sum())
+        _log_recomputed(stats.recomputed_heads, result.recomputed.numel(), config.error_budget)
+    return out, stats
+
+
+def _log_recomputed(recomputed_heads: int, heads: int, budget: float | None) -> None:
+    if recomputed_heads and "error_budget" not in _logged_reasons:
+        _logged_reasons.add("error_budget")
+        logger.warning(
+            "s2o.attention: %d of %d heads exceeded error_budget=%g and were recomputed "
+            "exactly (logged once; S2OStats.recomputed says which)",
+            recomputed_heads,
+            heads,
+            budget,
+        )
+
+
+@dataclass
+class QueryPiece:
+    """Consecutive query rows of a call that run the three ops together.
+
+    Attributes:
+        query: ``[B, Hq, n, D]``, the piece's rows.
+        key, value: ``[B, Hkv, Nk, D]``, the keys those rows see.
+        plan: the piece's plan (its layout places the rows: q_offset, segments).
+        first_row: the index of the piece's first row among the call's rows (where the error
+            sample, drawn over all rows of the call, finds them).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    plan: Plan
+    first_row: int
+
+
+@dataclass
+class PiecesResult:
+    """What :func:`run_pieces` computed: per piece its ``out`` ``[B, Hq, n, D]``, ``lse``
+    ``[B, Hq, n]`` fp32 and ``tile_counts`` ``[B, H_unit, tiles]``; with an error estimate, per
+    head of the call (fp32 ``[B, Hq]``): its estimated error, whether it was recomputed, and the
+    estimate's squared error and squared reference (summed over all pieces of all ranks)."""
+
+    outs: list[torch.Tensor]
+    lses: list[torch.Tensor]
+    tile_counts: list[torch.Tensor]
+    head_error: torch.Tensor | None = None
+    recomputed: torch.Tensor | None = None
+    squared: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+
+def run_pieces(
+    pieces: list[QueryPiece],
+    *,
+    query_shape: tuple[int, ...],
+    kv_chunks: tuple[tuple[int, int], ...],
+    config: S2OConfig,
+    device: torch.device,
+    clock: _StageClock | None = None,
+    all_reduce=None,
+) -> PiecesResult:
+    """The sparse path of one call whose query rows are cut into ``pieces``: ranks and attends
+    every piece, then estimates each head's error over all the call's rows and recomputes the
+    heads over the budget. ``query_shape`` ``[B, Hq, N, D]`` is the whole call's (N rows, of
+    which the pieces hold some); KV heads run in the ranges ``kv_chunks``.
+
+    ``all_reduce`` (in-place sum of a tensor over the ranks that hold the other pieces; None:
+    this process holds them all): with it the row sample and each head's estimate are those of
+    the whole call, so every rank recomputes the same heads as one process would.
+    """
+    batch, q_heads, num_rows = query_shape[0], query_shape[1], query_shape[2]
+    group = q_heads // kv_chunks[-1][1]
+    reduce = all_reduce if all_reduce is not None else (lambda tensor: None)
+    many_chunks = len(kv_chunks) > 1
+    outs = [p.query.new_empty(p.query.shape) if many_chunks else None for p in pieces]
+    lses = [p.query.new_empty(p.query.shape[:3], dtype=torch.float32) if many_chunks else None
+            for p in pieces]  # fmt: skip
+    counts: list[list[torch.Tensor]] = [[] for _ in pieces]
+    sample = None  # (rows [R], each piece's (row indices, factors, exact rows of every head))
+    checks = []
+    for kv_begin, kv_end in kv_chunks:
+        heads = slice(kv_begin * group, kv_end * group)
+        runs = []
+        for piece in pieces:
+            q = piece.query[:, heads]
+            k, v = piece.key[:, kv_begin:kv_end], piece.value[:, kv_begin:kv_end]
+            scores = piece.plan.estimate(q, k)
+            if clock is not None:
+                clock.lap("estimate")
+            indices = piece.plan.permute(scores)
+            del scores
+            if clock is not None:
+                clock.lap("permute")
+            attend = functools.partial(piece.plan.attend, q, k, v, indices)
+            runs.append([attend, *attend()])  # attend, out, lse, tile counts
+            if clock is not None:
+                clock.lap("attend")
+        if config.estimate_rows > 0:
+            if sample is None:
+                shape = (batch * (heads.stop - heads.start), num_rows)
+                outs_now = [run[1] for run in runs]
+                sample = _draw_sample(pieces, outs_now, shape, config, reduce, device)
+            squared = torch.zeros(batch, heads.stop - heads.start, device=device)
+            reference = torch.zeros_like(squared)
+            for run, (rows, factors, exact) in zip(runs, sample[1], strict=True):
+                piece_squared, piece_reference = error_estimate.sampled_squared_error(
+                    run[1], exact[:, heads], rows, factors
+                )
+                squared += piece_squared
+                reference += piece_reference
+            reduce(squared)
+            reduce(reference)
+            head_error = error_estimate.relative_error(squared, reference)
+            over = torch.zeros_like(head_error, dtype=torch.bool)
+            if config.error_budget is not None:
+                if config.is_strict():
+                    _raise_over_budget(head_error, kv_begin * group, config.error_budget)
+                unit_threshold, over = _units_over_budget(head_error, config, group)
+                for run in runs:
+                    _recompute(run, unit_threshold, over)
+                squared = torch.where(over, 0.0, squared)
+            checks.append((head_error, over, squared, reference))
+            if clock is not None:
+                clock.lap("check")
+        for i, (_, out, lse, tiles) in enumerate(runs):
+            if many_chunks:
+                outs[i][:, heads].copy_(out)
+                lses[i][:, heads].copy_(lse)
+            else:
+                outs[i], lses[i] = out, lse
+            counts[i].append(tiles)
+        del runs
+    result = PiecesResult(outs, lses, [torch.cat(c, dim=1) for c in counts])
     if checks:
-        head_error, recomputed, squared, reference = (
+        result.head_error, result.recomputed, result.squared, result.reference = (
             torch.cat(t, dim=1) for t in zip(*checks, strict=True)
         )
-        stats.head_error, stats.recomputed = head_error, recomputed
-        stats.error = float(error_estimate.relative_error(squared.sum(), reference.sum()))
-        stats.recomputed_heads = int(recomputed.sum())
-        if stats.recomputed_heads and "error_budget" not in _logged_reasons:
-            _logged_reasons.add("error_budget")
-            logger.warning(
-                "s2o.attention: %d of %d heads exceeded error_budget=%g and were recomputed "
-                "exactly (logged once; S2OStats.recomputed says which)",
-                stats.recomputed_heads,
-                recomputed.numel(),
-                config.error_budget,
-            )
-    return out, stats
+    return result
+
+
+def _draw_sample(pieces, outs, norms_shape, config, reduce, device):
+    """The error estimate's sampled rows, drawn over all rows of the call by the first KV chunk's
+    output norms (pieces on other ranks contribute theirs through ``reduce``), and per piece the
+    sampled rows as its own row indices, their expansion factors (0 for rows of other pieces)
+    and their exact attention for every head: ``(rows, [(rows, factors, exact), ...])``. The
+    exact rows of all heads come from one dense call per piece: one call per KV chunk (8-16
+    chunks at 128K) costs several times more, each filling only part of the GPU."""
+    norms = torch.zeros(norms_shape, device=device)  # [B * H_chunk, N]
+    for piece, out in zip(pieces, outs, strict=True):
+        norms[:, piece.first_row : piece.first_row + out.shape[2]] = (
+            error_estimate.squared_row_norms(out)
+        )
+    reduce(norms)
+    rows, factors = error_estimate.sample_rows(
+        error_estimate.row_weights(norms), config.estimate_rows
+    )
+    per_piece = []
+    for piece in pieces:
+        local = rows - piece.first_row
+        inside = (local >= 0) & (local < piece.query.shape[2])
+        local = local.clamp(0, piece.query.shape[2] - 1)
+        layout = piece.plan.layout
+        exact = error_estimate.exact_rows(
+            piece.query, piece.key, piece.value, local, q_offset=layout.q_offset,
+            is_causal=layout.is_causal, scale=piece.plan.scale,
+        )  # fmt: skip
+        per_piece.append((local, torch.where(inside, factors, 0.0), exact))
+    return rows, per_piece
 
 
 def _raise_over_budget(head_error: torch.Tensor, first_head: int, budget: float) -> None:
@@ -361,26 +479,32 @@ def _raise_over_budget(head_error: torch.Tensor, first_head: int, budget: float)
         )
 
 
-def _recompute_over_budget(attend, out, squared, reference, config, group):
-    """Recomputes the heads whose estimate is over ``config.error_budget`` exactly, into ``out``
-    in place, on the device, in one more launch in which every other unit is skipped
-    (unit_threshold < 0), so that a call with no head over the budget pays one skipped launch
-    and one merge. Exactly, not at a lower threshold: at 128K on the structured data a tenth of
-    the threshold cost as much as exact (the flagged heads' rankings put the keys they miss
-    late) and left a head at 13%. With group_units a flagged head takes its whole KV group
-    along. ``attend(unit_threshold=)`` runs the op on this chunk with the call's plan. Returns
-    (the squared-error estimate, 0 for the recomputed heads; the heads recomputed [B, Hq] bool;
-    their tile counts)."""
-    error = error_estimate.relative_error(squared, reference)
+def _units_over_budget(head_error: torch.Tensor, config: S2OConfig, group: int):
+    """The heads to recompute because their estimate is over ``config.error_budget``: the
+    unit threshold that recomputes them exactly (0) and skips every other unit (-1), and the
+    heads it recomputes ([B, Hq] bool; with group_units a flagged head takes its whole KV group
+    along). Exactly, not at a lower threshold: at 128K on the structured data a tenth of the
+    threshold cost as much as exact (the flagged heads' rankings put the keys they miss late)
+    and left a head at 13%."""
+    error = head_error
     if config.group_units:
         error = error.unflatten(1, (-1, group)).amax(dim=2)  # per unit: its worst head
-    unit_threshold = torch.where(error > config.error_budget, 0.0, -1.0).float()  # -1: skip
-    redo, _, counts = attend(unit_threshold=unit_threshold)
+    unit_threshold = torch.where(error > config.error_budget, 0.0, -1.0).float()
     over = unit_threshold == 0
     if config.group_units:
         over = over.repeat_interleave(group, dim=1)
+    return unit_threshold, over
+
+
+def _recompute(run: list, unit_threshold: torch.Tensor, over: torch.Tensor) -> None:
+    """Recomputes the flagged heads of one piece's ``run`` [attend, out, lse, tile counts] into
+    it, on the device, in one more launch in which every other unit is skipped: a call with no
+    head over the budget pays one skipped launch and one merge, and no host sync."""
+    attend, out, lse, tiles = run
+    redo, redo_lse, redo_tiles = attend(unit_threshold=unit_threshold)
     torch.where(over[:, :, None, None], redo, out, out=out)
-    return torch.where(over, 0.0, squared), over, counts
+    torch.where(over[:, :, None], redo_lse, lse, out=lse)
+    run[3] = tiles + redo_tiles
 
 
 @contextlib.contextmanager

@@ -28,11 +28,16 @@ import torch.nn.functional as F
 _sdpa = F.scaled_dot_product_attention
 
 
-def row_weights(out: torch.Tensor) -> torch.Tensor:
-    """fp32 [Nq]: each query row's share of the squared output norm, averaged over batch and
-    heads (each head's shares sum to 1): where a head's relative L2 error gets its weight."""
+def squared_row_norms(out: torch.Tensor) -> torch.Tensor:
+    """fp32 [B * H, Nq]: the squared norm of every output row of ``out`` [B, H, Nq, D]."""
     # (vector_norm reduces in fp32 without an fp32 copy of the output: 7x faster at 32K on the CPU)
-    norms = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32).square().flatten(0, -2)
+    return torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32).square().flatten(0, -2)
+
+
+def row_weights(norms: torch.Tensor) -> torch.Tensor:
+    """fp32 [Nq]: each query row's share of the squared output norm (``norms`` [B * H, Nq], from
+    :func:`squared_row_norms`), averaged over batch and heads (each head's shares sum to 1):
+    where a head's relative L2 error gets its weight."""
     totals = norms.sum(dim=-1, keepdim=True)
     return torch.where(totals > 0, norms / totals, 1.0 / norms.shape[-1]).mean(dim=0)
 
