@@ -230,6 +230,7 @@ def _tensor_parallel_row(length: int, args, device) -> dict:
         model = AutoModelForCausalLM.from_pretrained(
             path, tp_plan="auto", attn_implementation=implementation, dtype=torch.bfloat16
         ).eval()
+        model.to(device)  # (one rank: transformers leaves an unsharded model where it loaded it)
         with torch.no_grad():
             if implementation == "s2o":
                 with s2o_transformers.record_stats() as recorder:

@@ -157,7 +157,7 @@ def test_context_parallel_on_the_gpu_through_nccl():
     # One rank per GPU this machine has (the collectives' device path: NCCL takes CUDA tensors).
     world_size = torch.cuda.device_count()
     cases = [(5000, 8, 2, torch.bfloat16, layout, {}, True) for layout in cp.LAYOUTS] + [
-        (3000, 4, 4, torch.float16, "zigzag", _SMALL_SEGMENTS, True)
+        (3000, 4, 4, torch.float16, "zigzag", dict(segment_size=64), True)
     ]
     _spawn(world_size, _context_parallel_cases, cases, "cuda", backend="nccl")
 
