@@ -153,12 +153,12 @@ def context_parallel_attention(
     fallback = _fallback_reason(
         query, key, value, None, 0.0, config, num_queries=total, num_keys=total
     )
-    kv = _gather_positions(torch.stack((key, value)), bounds, group)  # [2, B, Hkv, N, D]
+    key, value = (_gather_positions(t, bounds, group) for t in (key, value))  # [B, Hkv, N, D]
     if clock is not None:
         clock.lap("gather")
     if scale is not None and scale < 0:
         query, scale = -query, -scale  # as s2o.attention: the ranking needs a positive scale
-    pieces = _query_pieces(query, kv[0], kv[1], bounds[rank], config, is_causal, scale)
+    pieces = _query_pieces(query, key, value, bounds[rank], config, is_causal, scale)
     batch, q_heads, _, head_dim = query.shape
     call_shape = (batch, q_heads, total, head_dim)
 
@@ -174,9 +174,7 @@ def context_parallel_attention(
         outs, lses = [d[0] for d in dense], [d[1] for d in dense]
         stats = S2OStats(path="dense", fallback_reason=reason)
     else:
-        call_plan = Plan.for_call(
-            config, call_shape, kv.shape[1:], is_causal=is_causal, scale=scale
-        )
+        call_plan = Plan.for_call(config, call_shape, key.shape, is_causal=is_causal, scale=scale)
         result = run_pieces(
             pieces,
             query_shape=call_shape,
@@ -368,6 +366,8 @@ def _all_reduce(tensor: torch.Tensor, group) -> None:
 
 def _gather_positions(shard: torch.Tensor, bounds, group) -> torch.Tensor:
     """``shard`` [..., n, D] of every rank, put at its positions: [..., N, D]."""
+    if len(bounds) == 1:  # one rank: its shard is the sequence, in order
+        return shard
     widest = max(sum(end - begin for begin, end in b) for b in bounds)
     padded = torch.nn.functional.pad(shard, (0, 0, 0, widest - shard.shape[-2]))
     gathered = _all_gather(padded, group, "K/V")
