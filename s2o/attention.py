@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import error_estimate
+from . import error_estimate, reference
 from .config import S2OConfig
 from .limits import CPU_DTYPES, CPU_MAX_HEAD_DIM, CUDA_DTYPES, CUDA_HEAD_DIMS
-from .plan import Plan
+from .plan import Plan, causal_q_offset
 
 logger = logging.getLogger("s2o")
 
@@ -168,6 +168,22 @@ def _fallback_reason(
     return None
 
 
+def _dense_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):
+    """Dense SDPA with the config's causal alignment. SDPA's ``is_causal`` is top-left, so
+    bottom-right causal attention with Nq != Nk (chunked prefill against a cache) gets its mask
+    spelled out: query i sees keys up to i + Nk - Nq."""
+    num_queries, num_keys = query.shape[-2], key.shape[-2]
+    if is_causal and attn_mask is None and num_queries != num_keys:
+        q_offset = causal_q_offset(num_queries, num_keys, True, config.causal_alignment)
+        if q_offset:
+            attn_mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=query.device)
+            attn_mask = attn_mask.tril(diagonal=q_offset)
+            is_causal = False
+    return _sdpa(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
 class _StageClock:
     """Time per stage, only used when stats are asked for. On a GPU: CUDA events recorded on the
     current stream between the stages, read once at the end (GPU time, no synchronisation between
@@ -250,8 +266,8 @@ def attention(
                 f"s2o.attention would fall back to dense SDPA ({reason}): {detail}"
             )
         _log_once(reason, detail)
-        out = _sdpa(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        out = _dense_sdpa(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config
         )
         if clock is None:
             return out
@@ -266,8 +282,9 @@ def attention(
     if squeeze_heads:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     plan = Plan.for_call(config, query.shape, key.shape, is_causal=is_causal, scale=scale)
+    piece = QueryPiece(query, key, value, plan, first_row=0)
     result = run_pieces(
-        [QueryPiece(query, key, value, plan, first_row=0)],
+        [piece],
         query_shape=query.shape,
         kv_chunks=plan.kv_chunks,
         config=config,
@@ -280,24 +297,10 @@ def attention(
     if clock is None:
         return out
 
-    tile_counts = result.tile_counts[0]
-    dense = plan.dense_tiles() * tile_counts.shape[0] * tile_counts.shape[1]
-    computed = int(tile_counts.sum())
-    stats = S2OStats(
-        path="sparse",
-        density=computed / dense,
-        tile_counts=tile_counts,
-        dense_tiles=dense,
-        block_m=plan.block_m,
-        block_n=plan.block_n,
-        time_ms=clock.times,
-    )
-    if result.head_error is not None:
-        stats.head_error, stats.recomputed = result.head_error, result.recomputed
-        stats.error = float(error_estimate.relative_error(result.squared.sum(),
-                                                          result.reference.sum()))  # fmt: skip
-        stats.recomputed_heads = int(result.recomputed.sum())
-        _log_recomputed(stats.recomputed_heads, result.recomputed.numel(), config.error_budget)
+    stats = pieces_stats([piece], result)
+    stats.time_ms = clock.times
+    if stats.recomputed is not None:
+        _log_recomputed(stats.recomputed_heads, stats.recomputed.numel(), config.error_budget)
     return out, stats
 
 
@@ -465,6 +468,48 @@ def _draw_sample(pieces, outs, norms_shape, config, reduce, device):
         )  # fmt: skip
         per_piece.append((local, torch.where(inside, factors, 0.0), exact))
     return rows, per_piece
+
+
+def dense_piece(piece: QueryPiece, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of one piece (the fallback): out in the query's dtype and lse fp32, in
+    blocks of rows so that the fp32 logits stay near 2^26 entries."""
+    query, layout = piece.query, piece.plan.layout
+    heads, rows, keys = query.shape[1], query.shape[2], piece.key.shape[2]
+    block = max(1, 2**26 // max(1, heads * keys * query.shape[0]))
+    outs, lses = [], []
+    for first in range(0, rows, block):
+        out, lse = reference.dense_attention(
+            query[:, :, first : first + block], piece.key, piece.value, is_causal=is_causal,
+            q_offset=layout.q_offset + first, scale=piece.plan.scale,
+        )  # fmt: skip
+        outs.append(out.to(query.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def pieces_stats(pieces: list[QueryPiece], result: PiecesResult) -> S2OStats:
+    """The stats of a sparse call over ``pieces``: density and tile counts (concatenated over the
+    pieces' query tiles) of these pieces, and the whole call's error estimate."""
+    computed = sum(int(c.sum()) for c in result.tile_counts)
+    dense = sum(
+        p.plan.dense_tiles() * c.shape[0] * c.shape[1]
+        for p, c in zip(pieces, result.tile_counts, strict=True)
+    )
+    stats = S2OStats(
+        path="sparse",
+        density=computed / dense if dense else None,
+        tile_counts=torch.cat(result.tile_counts, dim=2) if result.tile_counts else None,
+        dense_tiles=dense,
+        block_m=pieces[0].plan.block_m if pieces else None,
+        block_n=pieces[0].plan.block_n if pieces else None,
+    )
+    if result.head_error is not None:
+        stats.head_error, stats.recomputed = result.head_error, result.recomputed
+        stats.error = float(
+            error_estimate.relative_error(result.squared.sum(), result.reference.sum())
+        )
+        stats.recomputed_heads = int(result.recomputed.sum())
+    return stats
 
 
 def _raise_over_budget(head_error: torch.Tensor, first_head: int, budget: float) -> None:

@@ -36,7 +36,6 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from . import error_estimate, reference
 from .attention import (
     QueryPiece,
     S2OFallbackError,
@@ -45,6 +44,8 @@ from .attention import (
     _fallback_reason,
     _log_once,
     _StageClock,
+    dense_piece,
+    pieces_stats,
     run_pieces,
 )
 from .config import S2OConfig
@@ -170,7 +171,7 @@ def context_parallel_attention(
                 f"{detail}"
             )
         _log_once(reason, detail)
-        dense = [_dense_piece(p, is_causal) for p in pieces]
+        dense = [dense_piece(p, is_causal) for p in pieces]
         outs, lses = [d[0] for d in dense], [d[1] for d in dense]
         stats = S2OStats(path="dense", fallback_reason=reason)
     else:
@@ -185,7 +186,7 @@ def context_parallel_attention(
             all_reduce=lambda tensor: _all_reduce(tensor, group),
         )
         outs, lses = result.outs, result.lses
-        stats = _rank_stats(pieces, result) if return_stats else None
+        stats = pieces_stats(pieces, result) if return_stats else None
 
     out = torch.cat(outs, dim=2) if outs else query.new_empty(query.shape)
     returned = [out]
@@ -396,44 +397,3 @@ def _query_pieces(query, key, value, ranges, config, is_causal, scale) -> list[Q
         plan = Plan.for_call(piece_config, rows.shape, k.shape, is_causal=is_causal, scale=scale)
         pieces.append(QueryPiece(rows, k, v, plan, first_row=begin))
     return pieces
-
-
-def _dense_piece(piece: QueryPiece, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention of one piece (the fallback): out in the query's dtype and lse fp32, in
-    blocks of rows so that the fp32 logits stay near 2^26 entries."""
-    query, layout = piece.query, piece.plan.layout
-    heads, rows, keys = query.shape[1], query.shape[2], piece.key.shape[2]
-    block = max(1, 2**26 // max(1, heads * keys * query.shape[0]))
-    outs, lses = [], []
-    for first in range(0, rows, block):
-        out, lse = reference.dense_attention(
-            query[:, :, first : first + block], piece.key, piece.value, is_causal=is_causal,
-            q_offset=layout.q_offset + first, scale=piece.plan.scale,
-        )  # fmt: skip
-        outs.append(out.to(query.dtype))
-        lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
-
-def _rank_stats(pieces, result) -> S2OStats:
-    """This rank's density and tile counts (over its pieces) and the whole call's estimate."""
-    computed = sum(int(c.sum()) for c in result.tile_counts)
-    dense = sum(
-        p.plan.dense_tiles() * c.shape[0] * c.shape[1]
-        for p, c in zip(pieces, result.tile_counts, strict=True)
-    )
-    stats = S2OStats(
-        path="sparse",
-        density=computed / dense if dense else None,
-        tile_counts=torch.cat(result.tile_counts, dim=2) if result.tile_counts else None,
-        dense_tiles=dense,
-        block_m=pieces[0].plan.block_m if pieces else None,
-        block_n=pieces[0].plan.block_n if pieces else None,
-    )
-    if result.head_error is not None:
-        stats.head_error, stats.recomputed = result.head_error, result.recomputed
-        stats.error = float(
-            error_estimate.relative_error(result.squared.sum(), result.reference.sum())
-        )
-        stats.recomputed_heads = int(result.recomputed.sum())
-    return stats

@@ -60,7 +60,7 @@ class Plan:
         batch, q_heads, num_queries, _ = query_shape
         kv_heads, num_keys = key_shape[1], key_shape[2]
         group = q_heads // kv_heads
-        q_offset = _q_offset(num_queries, num_keys, is_causal, config.causal_alignment)
+        q_offset = causal_q_offset(num_queries, num_keys, is_causal, config.causal_alignment)
         layout = SegmentLayout(num_queries, num_keys, config.segment_size, q_offset, is_causal)
         lists_per_kv_head = 1 if config.order_per_kv_head else group
         return cls(
@@ -161,7 +161,8 @@ class Plan:
         )
 
 
-def _q_offset(num_queries: int, num_keys: int, is_causal: bool, alignment: str) -> int:
+def causal_q_offset(num_queries: int, num_keys: int, is_causal: bool, alignment: str) -> int:
+    """The position of query row 0 under ``alignment`` (``S2OConfig.causal_alignment``)."""
     if not is_causal or alignment == "top_left":
         return 0
     if num_queries > num_keys:

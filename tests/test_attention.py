@@ -52,6 +52,22 @@ def test_bottom_right_alignment_matches_explicit_mask():
         s2o.attention(*_inputs(nq=300, nk=90), is_causal=True, enable_gqa=True, config=config)
 
 
+@pytest.mark.parametrize("reason", ["short", "autograd", "decode"])
+def test_dense_fallbacks_keep_the_bottom_right_alignment(reason):
+    # SDPA's is_causal is top-left: a fallback of a chunked prefill (fewer queries than keys)
+    # must still put the queries at the end.
+    q, k, v = _inputs(nq=1 if reason == "decode" else 90, nk=300)
+    config = S2OConfig(min_keys=1000 if reason == "short" else 1, causal_alignment="bottom_right")
+    if reason == "autograd":
+        q.requires_grad_(True)
+    out, stats = s2o.attention(
+        q, k, v, is_causal=True, enable_gqa=True, config=config, return_stats=True
+    )
+    assert stats.fallback_reason == reason
+    expected, _ = reference.dense_attention(q, k, v, is_causal=True, q_offset=300 - q.shape[2])
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_default_config_on_structured_data_is_sparse_and_accurate():
     q, k, v = data.structured_qkv(4096, q_heads=8, kv_heads=2, head_dim=64, dtype=torch.float32)
     config = S2OConfig(min_keys=1)  # the defaults but for the length cut-off
