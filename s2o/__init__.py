@@ -11,6 +11,7 @@ from .attention import S2OErrorBudgetError, S2OFallbackError, S2OStats, attentio
 from .config import S2OConfig
 from .integrations import patch_llama  # imports transformers only when called
 from .ops import estimate_importance, permute_indices, sparse_attention  # (and fake kernels)
+from .varlen import varlen_attention
 
 __all__ = [
     "S2OConfig",
@@ -23,5 +24,6 @@ __all__ = [
     "patch_sdpa",
     "permute_indices",
     "sparse_attention",
+    "varlen_attention",
 ]
 __version__ = "0.1.0"

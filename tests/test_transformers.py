@@ -149,6 +149,22 @@ def test_threshold_reports_density_and_early_stopping_reaches_the_model():
 
 # `past_key_values` is the argument's name in 5.17, deprecated for `cache` in 5.24.
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_chunked_prefill_below_min_keys_goes_dense_bottom_right():
+    # The package default sends these short calls to dense SDPA; the second chunk's 130 queries
+    # must sit at the end of its 330 keys there too (SDPA's own is_causal is top-left).
+    s2o_hf.set_config(None)
+    s2o_model, sdpa_model = _models("s2o", "sdpa")
+    prompt = _prompt(330)
+    cache = DynamicCache(config=s2o_model.config)
+    with s2o_hf.record_stats() as recorder, torch.no_grad():
+        s2o_model(prompt[:, :200], past_key_values=cache, use_cache=True)
+        chunked = s2o_model(prompt[:, 200:], past_key_values=cache, use_cache=True).logits
+        expected = sdpa_model(prompt).logits[:, 200:]
+    torch.testing.assert_close(chunked, expected, atol=ATOL, rtol=RTOL)
+    assert recorder.dense_reasons() == {"short": 2 * NUM_LAYERS}
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 def test_chunked_prefill_with_dynamic_cache_matches_one_shot():
     s2o_hf.set_config(EXACT_STRICT)
     (model,) = _models("s2o")
@@ -211,16 +227,41 @@ def test_patch_llama_rejects_what_it_cannot_patch():
         s2o.patch_llama(model, config={"threshold": 0.0})
 
 
-def _left_padded_batch():
-    prompt = _prompt(260, batch=2)
+def _padded_batch(side):
+    prompt = _prompt(260, batch=3)
     attention_mask = torch.ones_like(prompt)
-    attention_mask[1, :70] = 0  # row 1: 70 pad tokens on the left
+    if side == "left":
+        attention_mask[1, :70] = 0  # row 1: 70 pad tokens on the left
+        attention_mask[2, :200] = 0
+    else:
+        attention_mask[1, 190:] = 0
+        attention_mask[2, 60:] = 0
     return prompt, attention_mask
 
 
-def test_left_padded_batch_takes_the_dense_route_and_matches_sdpa():
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_takes_the_sparse_route_and_matches_each_sequence_alone(side):
+    # The prefill is unpadded into one varlen call (every sequence sparse); decode stays dense.
+    s2o_hf.set_config(S2OConfig(min_keys=1, segment_size=64, strict=True))
     s2o_model, sdpa_model = _models("s2o", "sdpa")
-    prompt, attention_mask = _left_padded_batch()
+    prompt, attention_mask = _padded_batch(side)
+    with s2o_hf.record_stats() as recorder, torch.no_grad():
+        logits = s2o_model(prompt, attention_mask=attention_mask).logits
+    assert recorder.dense_reasons() == {}
+    assert [c.num_keys for c in recorder.sparse_calls[:3]] == attention_mask.sum(1).tolist()
+    real = attention_mask.bool()  # pad positions' outputs are meaningless
+    for row in range(prompt.shape[0]):
+        alone = prompt[row : row + 1, real[row]]
+        with torch.no_grad():
+            expected = s2o_model(alone).logits[0]  # the same sequence, unpadded, alone
+            dense = sdpa_model(alone).logits[0]
+        torch.testing.assert_close(logits[row, real[row]], expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(logits[row, real[row]], dense, atol=2e-3, rtol=2e-3)
+
+
+def test_left_padded_generation_matches_sdpa():
+    s2o_model, sdpa_model = _models("s2o", "sdpa")
+    prompt, attention_mask = _padded_batch("left")
     generate = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with s2o_hf.record_stats() as recorder, torch.no_grad():
         logits = s2o_model(prompt, attention_mask=attention_mask).logits
@@ -228,17 +269,19 @@ def test_left_padded_batch_takes_the_dense_route_and_matches_sdpa():
     with torch.no_grad():
         expected = sdpa_model(prompt, attention_mask=attention_mask).logits
         expected_tokens = sdpa_model.generate(prompt, attention_mask=attention_mask, **generate)
-    real = attention_mask.bool()  # pad positions' outputs are meaningless in both
+    real = attention_mask.bool()
     torch.testing.assert_close(logits[real], expected[real], atol=ATOL, rtol=RTOL)
     assert torch.equal(tokens, expected_tokens)
-    assert recorder.dense_reasons() == {"attn_mask": 2 * NUM_LAYERS, "decode": 5 * NUM_LAYERS}
-    assert not recorder.sparse_calls
+    # Two prefills of 3 sequences each (the forward and generate's), sparse; decode steps dense.
+    assert len(recorder.sparse_calls) == 2 * 3 * NUM_LAYERS
+    assert recorder.dense_reasons() == {"decode": 5 * NUM_LAYERS}
 
 
-def test_strict_mode_raises_on_a_padded_batch():
+def test_strict_mode_raises_on_a_mask_that_is_not_padding():
     s2o_hf.set_config(EXACT_STRICT)
     (model,) = _models("s2o")
-    prompt, attention_mask = _left_padded_batch()
+    prompt, attention_mask = _padded_batch("left")
+    attention_mask[0, 100:120] = 0  # a hole in the middle: not one sequence per row
     with pytest.raises(S2OFallbackError, match="attn_mask"), torch.no_grad():
         model(prompt, attention_mask=attention_mask)
 

@@ -65,6 +65,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from ..attention import S2OStats
 from ..attention import attention as s2o_attention
 from ..config import S2OConfig
+from ..varlen import varlen_attention
 
 logger = logging.getLogger("s2o")
 
@@ -205,9 +206,9 @@ def record_stats() -> Iterator[AttentionRecorder]:
         _recorders.remove(recorder)
 
 
-def _record(module, query, key, path, reason, stats) -> None:
+def _record(module, num_queries, num_keys, path, reason, stats) -> None:
     call = AttentionCall(
-        getattr(module, "layer_idx", None), query.shape[2], key.shape[2], path, reason, stats
+        getattr(module, "layer_idx", None), num_queries, num_keys, path, reason, stats
     )
     for recorder in _recorders:
         recorder.calls.append(call)
@@ -294,6 +295,73 @@ def _decode_attention(query, key, value, attention_mask, dropout, scale) -> torc
     return out.reshape(out.shape[0], q_heads, 1, value.shape[-1])
 
 
+def _padded_causal_ranges(mask, q_length: int, kv_length: int):
+    """For a padded batch's prefill mask, per batch row its query rows and keys
+    ``((row_begin, row_end), (key_begin, key_end))``; None for any other mask.
+
+    A padded batch's mask (``sdpa_mask`` with padding, left or right) is bottom-right causal
+    attention restricted to one contiguous run of valid keys per row: row b alone is the
+    sequence of those keys, its queries the rows at their positions (the last ones: bottom-right
+    again). Anything else (static caches, windows, packed documents, custom masks) gives None
+    and stays on the dense path. Reads the mask on the host."""
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[1] != 1
+        or tuple(mask.shape[2:]) != (q_length, kv_length)
+        or q_length > kv_length
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    offset = kv_length - q_length
+    valid = mask[:, 0].any(dim=1)  # [B, Nk]: the keys some row sees (the last row sees them all)
+    positions = torch.arange(q_length, device=mask.device) + offset
+    causal = torch.arange(kv_length, device=mask.device)[None, :] <= positions[:, None]
+    if not torch.equal(mask[:, 0], causal[None] & valid[:, None, :]):
+        return None
+    ranges = []
+    for row in valid.tolist():
+        if True not in row:
+            return None
+        begin = row.index(True)
+        end = kv_length - row[::-1].index(True)
+        if not all(row[begin:end]):
+            return None  # valid keys in several runs: not one sequence
+        first = max(begin, offset) - offset
+        ranges.append(((first, end - offset), (begin, end)))
+    return ranges
+
+
+def _padded_attention(module, query, key, value, ranges, scaling, config) -> torch.Tensor:
+    """A padded batch's prefill as one varlen call of its unpadded sequences:
+    ``[B, Nq, Hq, D]``, padding rows 0."""
+    query_rows = [query[b, :, r0:r1].transpose(0, 1) for b, ((r0, r1), _) in enumerate(ranges)]
+    key_rows = [key[b, :, k0:k1].transpose(0, 1) for b, (_, (k0, k1)) in enumerate(ranges)]
+    value_rows = [value[b, :, k0:k1].transpose(0, 1) for b, (_, (k0, k1)) in enumerate(ranges)]
+    lengths_q = [rows.shape[0] for rows in query_rows]
+    lengths_k = [rows.shape[0] for rows in key_rows]
+
+    def offsets(lengths):
+        return torch.tensor([0, *lengths], device=query.device).cumsum(0).to(torch.int32)
+
+    packed = varlen_attention(
+        torch.cat(query_rows), torch.cat(key_rows), torch.cat(value_rows),
+        offsets(lengths_q), offsets(lengths_k), max(lengths_q), max(lengths_k),
+        causal=True, softmax_scale=scaling, config=config, return_stats=bool(_recorders),
+    )  # fmt: skip
+    if _recorders:
+        packed, all_stats = packed
+        for n_q, n_k, stats in zip(lengths_q, lengths_k, all_stats, strict=True):
+            _record(module, n_q, n_k, stats.path, stats.fallback_reason, stats)
+    out = query.new_zeros((query.shape[0], query.shape[2], query.shape[1], value.shape[-1]))
+    for b, ((r0, r1), _), rows in zip(
+        range(len(ranges)), ranges, packed.split(lengths_q), strict=True
+    ):
+        out[b, r0:r1] = rows
+    return out
+
+
 def _config_for(module: torch.nn.Module) -> S2OConfig:
     config = getattr(module, _MODULE_CONFIG_ATTR, None)
     return config if config is not None else _default_config
@@ -331,16 +399,21 @@ def s2o_attention_forward(
     config = _config_for(module)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
 
+    padded = None
+    if query.shape[2] > 1 and is_causal and dropout == 0.0:
+        padded = _padded_causal_ranges(attention_mask, query.shape[2], key.shape[2])
+    if padded is not None:
+        return _padded_attention(module, query, key, value, padded, scaling, config), None
     if query.shape[2] == 1:
         out = _decode_attention(query, key, value, attention_mask, dropout, scaling)
-        _record(module, query, key, "dense", "decode", None)
+        _record(module, query.shape[2], key.shape[2], "dense", "decode", None)
     else:
         args = (query, key, value, attention_mask, dropout, is_causal and attention_mask is None)
         if _recorders:
             out, stats = s2o_attention(
                 *args, scaling, enable_gqa=True, config=config, return_stats=True
             )
-            _record(module, query, key, stats.path, stats.fallback_reason, stats)
+            _record(module, query.shape[2], key.shape[2], stats.path, stats.fallback_reason, stats)
         else:
             out = s2o_attention(*args, scaling, enable_gqa=True, config=config)
     return out.transpose(1, 2).contiguous(), None
