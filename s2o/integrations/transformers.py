@@ -26,7 +26,11 @@ no mask, Nq > 1 (prefill, chunked prefill)     ``s2o.attention(is_causal=module.
                                                enable_gqa=True)``, bottom-right causal (queries
                                                are the last Nq key positions). s2o itself sends
                                                Nk < ``config.min_keys`` to dense SDPA ("short").
-a mask (padding, sliding window, packed        ``s2o.attention(attn_mask=mask)``, i.e. dense SDPA
+a padding mask (left or right padding,        each row unpadded into one
+prefill)                                       :func:`s2o.varlen_attention` call (sparse per
+                                               sequence, recorded per sequence); padding rows
+                                               get zeros.
+another mask (sliding window, packed           ``s2o.attention(attn_mask=mask)``, i.e. dense SDPA
 sequences, a custom 4D mask, static cache)     with the mask (fallback "attn_mask"; strict mode
                                                raises :class:`s2o.S2OFallbackError`).
 =============================================  ===============================================
