@@ -251,13 +251,16 @@ def test_context_parallel_needs_an_initialised_process_group():
 
 
 def _tensor_parallel_llama(rank, world_size, path, expected_path):
+    from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM
 
     from s2o.integrations import transformers as s2o_transformers
 
     s2o_transformers.set_config(s2o.S2OConfig(min_keys=0, **_SMALL_SEGMENTS))
+    # A CPU mesh: on a machine with GPUs transformers would otherwise put rank r on GPU r.
+    mesh = init_device_mesh("cpu", (world_size,))
     model = AutoModelForCausalLM.from_pretrained(
-        path, tp_plan="auto", attn_implementation="s2o", dtype=torch.float32
+        path, tp_plan="auto", device_mesh=mesh, attn_implementation="s2o", dtype=torch.float32
     )
     weight = model.model.layers[0].self_attn.q_proj.weight
     assert weight.to_local().shape[0] == weight.shape[0] // world_size  # each rank: its heads
