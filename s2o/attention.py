@@ -94,6 +94,22 @@ def _devices_with_kernels() -> frozenset[str]:
 _KERNEL_DEVICES = _devices_with_kernels()
 
 
+def announce_fallback(fallback: tuple[str, str], config: S2OConfig, what: str) -> str:
+    """A dense fallback ``(reason, detail)``: raises S2OFallbackError in strict mode (the message
+    ``what (reason): detail``), else logs it once; returns the reason."""
+    reason, detail = fallback
+    if config.is_strict():
+        raise S2OFallbackError(f"{what} ({reason}): {detail}")
+    _log_once(reason, detail)
+    return reason
+
+
+def positive_scale(query: torch.Tensor, scale: float | None):
+    """``(query, scale)`` with the scale made positive: softmax(scale * q.k) = softmax(|scale| *
+    (-q).k), and the ranking and the variance term need a positive scale."""
+    return (-query, -scale) if scale is not None and scale < 0 else (query, scale)
+
+
 def _log_once(reason: str, detail: str) -> None:
     if reason in _logged_reasons:
         return
@@ -260,12 +276,7 @@ def attention(
 
     fallback = _fallback_reason(query, key, value, attn_mask, dropout_p, config)
     if fallback is not None:
-        reason, detail = fallback
-        if config.is_strict():
-            raise S2OFallbackError(
-                f"s2o.attention would fall back to dense SDPA ({reason}): {detail}"
-            )
-        _log_once(reason, detail)
+        reason = announce_fallback(fallback, config, "s2o.attention would fall back to dense SDPA")
         out = _dense_sdpa(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config
         )
@@ -274,34 +285,38 @@ def attention(
         clock.lap("dense")
         return out, S2OStats(path="dense", fallback_reason=reason, time_ms=clock.times)
 
-    if scale is not None and scale < 0:
-        # softmax(scale * q.k) = softmax(|scale| * (-q).k): the ranking and the variance term
-        # need a positive scale.
-        query, scale = -query, -scale
+    query, scale = positive_scale(query, scale)
     squeeze_heads = query.dim() == 3
     if squeeze_heads:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     plan = Plan.for_call(config, query.shape, key.shape, is_causal=is_causal, scale=scale)
-    piece = QueryPiece(query, key, value, plan, first_row=0)
-    result = run_pieces(
-        [piece],
-        query_shape=query.shape,
-        kv_chunks=plan.kv_chunks,
-        config=config,
-        device=query.device,
-        clock=clock,
-    )
+    result, stats = sparse_call(QueryPiece(query, key, value, plan, first_row=0), config, clock)
     out = result.outs[0]
     if squeeze_heads:
         out = out.squeeze(1)
-    if clock is None:
-        return out
+    return out if clock is None else (out, stats)
 
+
+def sparse_call(
+    piece: QueryPiece, config: S2OConfig, clock: _StageClock | None
+) -> tuple[PiecesResult, S2OStats | None]:
+    """The sparse path of a call that is one piece (all its rows in this process): its result,
+    and with a clock its stats (the heads recomputed over the budget logged once)."""
+    result = run_pieces(
+        [piece],
+        query_shape=piece.query.shape,
+        kv_chunks=piece.plan.kv_chunks,
+        config=config,
+        device=piece.query.device,
+        clock=clock,
+    )
+    if clock is None:
+        return result, None
     stats = pieces_stats([piece], result)
     stats.time_ms = clock.times
     if stats.recomputed is not None:
         _log_recomputed(stats.recomputed_heads, stats.recomputed.numel(), config.error_budget)
-    return out, stats
+    return result, stats
 
 
 def _log_recomputed(recomputed_heads: int, heads: int, budget: float | None) -> None:
@@ -378,7 +393,7 @@ def run_pieces(
     lses = [p.query.new_empty(p.query.shape[:3], dtype=torch.float32) if many_chunks else None
             for p in pieces]  # fmt: skip
     counts: list[list[torch.Tensor]] = [[] for _ in pieces]
-    sample = None  # (rows [R], each piece's (row indices, factors, exact rows of every head))
+    sample = None  # per piece: the sampled rows as its own, their factors, their exact attention
     checks = []
     for kv_begin, kv_end in kv_chunks:
         heads = slice(kv_begin * group, kv_end * group)
@@ -404,7 +419,7 @@ def run_pieces(
                 sample = _draw_sample(pieces, outs_now, shape, config, reduce, device)
             squared = torch.zeros(batch, heads.stop - heads.start, device=device)
             reference = torch.zeros_like(squared)
-            for run, (rows, factors, exact) in zip(runs, sample[1], strict=True):
+            for run, (rows, factors, exact) in zip(runs, sample, strict=True):
                 piece_squared, piece_reference = error_estimate.sampled_squared_error(
                     run[1], exact[:, heads], rows, factors
                 )
@@ -444,7 +459,7 @@ def _draw_sample(pieces, outs, norms_shape, config, reduce, device):
     """The error estimate's sampled rows, drawn over all rows of the call by the first KV chunk's
     output norms (pieces on other ranks contribute theirs through ``reduce``), and per piece the
     sampled rows as its own row indices, their expansion factors (0 for rows of other pieces)
-    and their exact attention for every head: ``(rows, [(rows, factors, exact), ...])``. The
+    and their exact attention for every head: ``[(rows, factors, exact), ...]``. The
     exact rows of all heads come from one dense call per piece: one call per KV chunk (8-16
     chunks at 128K) costs several times more, each filling only part of the GPU."""
     norms = torch.zeros(norms_shape, device=device)  # [B * H_chunk, N]
@@ -467,10 +482,10 @@ def _draw_sample(pieces, outs, norms_shape, config, reduce, device):
             is_causal=layout.is_causal, scale=piece.plan.scale,
         )  # fmt: skip
         per_piece.append((local, torch.where(inside, factors, 0.0), exact))
-    return rows, per_piece
+    return per_piece
 
 
-def dense_piece(piece: QueryPiece, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_piece(piece: QueryPiece) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of one piece (the fallback): out in the query's dtype and lse fp32, in
     blocks of rows so that the fp32 logits stay near 2^26 entries."""
     query, layout = piece.query, piece.plan.layout
@@ -479,7 +494,7 @@ def dense_piece(piece: QueryPiece, is_causal: bool) -> tuple[torch.Tensor, torch
     outs, lses = [], []
     for first in range(0, rows, block):
         out, lse = reference.dense_attention(
-            query[:, :, first : first + block], piece.key, piece.value, is_causal=is_causal,
+            query[:, :, first : first + block], piece.key, piece.value, is_causal=layout.is_causal,
             q_offset=layout.q_offset + first, scale=piece.plan.scale,
         )  # fmt: skip
         outs.append(out.to(query.dtype))

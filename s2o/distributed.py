@@ -38,14 +38,14 @@ import torch.distributed as dist
 
 from .attention import (
     QueryPiece,
-    S2OFallbackError,
     S2OStats,
     _check_arguments,
     _fallback_reason,
-    _log_once,
     _StageClock,
+    announce_fallback,
     dense_piece,
     pieces_stats,
+    positive_scale,
     run_pieces,
 )
 from .config import S2OConfig
@@ -157,21 +157,15 @@ def context_parallel_attention(
     key, value = (_gather_positions(t, bounds, group) for t in (key, value))  # [B, Hkv, N, D]
     if clock is not None:
         clock.lap("gather")
-    if scale is not None and scale < 0:
-        query, scale = -query, -scale  # as s2o.attention: the ranking needs a positive scale
+    query, scale = positive_scale(query, scale)
     pieces = _query_pieces(query, key, value, bounds[rank], config, is_causal, scale)
     batch, q_heads, _, head_dim = query.shape
     call_shape = (batch, q_heads, total, head_dim)
 
     if fallback is not None:
-        reason, detail = fallback
-        if config.is_strict():
-            raise S2OFallbackError(
-                f"context_parallel_attention would fall back to dense attention ({reason}): "
-                f"{detail}"
-            )
-        _log_once(reason, detail)
-        dense = [dense_piece(p, is_causal) for p in pieces]
+        what = "context_parallel_attention would fall back to dense attention"
+        reason = announce_fallback(fallback, config, what)
+        dense = [dense_piece(p) for p in pieces]
         outs, lses = [d[0] for d in dense], [d[1] for d in dense]
         stats = S2OStats(path="dense", fallback_reason=reason)
     else:
@@ -203,11 +197,10 @@ def context_parallel_attention(
     return returned[0] if len(returned) == 1 else tuple(returned)
 
 
-# The fields every rank sends before anything else (one int64 each): what must agree across the
-# ranks, and this rank's problem / fallback flags.
+# The fields every rank sends before anything else (one int64 each): its rows, what must agree
+# across the ranks, and whether its own arguments have a problem.
 _FIELDS = (
     "query rows",
-    "key rows",
     "batch",
     "query heads",
     "key heads",
@@ -287,7 +280,6 @@ def _metadata(query, key, value, layout, is_causal, scale, config, problem):
         scale_bits = struct.unpack("<q", struct.pack("<d", -0.0 if scale is None else scale))[0]
         values = {
             "query rows": query.shape[2],
-            "key rows": key.shape[2],
             "batch": query.shape[0],
             "query heads": query.shape[1],
             "key heads": key.shape[1],

@@ -24,14 +24,13 @@ import torch
 
 from .attention import (
     QueryPiece,
-    S2OFallbackError,
     S2OStats,
     _fallback_reason,
-    _log_once,
     _StageClock,
+    announce_fallback,
     dense_piece,
-    pieces_stats,
-    run_pieces,
+    positive_scale,
+    sparse_call,
 )
 from .config import S2OConfig
 from .plan import Plan
@@ -83,9 +82,7 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, block_table
     )
     config = dataclasses.replace(config, causal_alignment="bottom_right")
-    scale = softmax_scale
-    if scale is not None and scale < 0:
-        q, scale = -q, -scale  # as s2o.attention: the ranking needs a positive scale
+    q, scale = positive_scale(q, softmax_scale)
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32) if return_lse else None
     all_stats = []
@@ -128,26 +125,11 @@ def _attend_sequence(query, key, value, causal, scale, config, return_stats):
     piece = QueryPiece(query, key, value, plan, first_row=0)
     fallback = _fallback_reason(query, key, value, None, 0.0, config)
     if fallback is not None:
-        reason, detail = fallback
-        if config.is_strict():
-            raise S2OFallbackError(
-                f"varlen_attention would fall back to dense attention ({reason}): {detail}"
-            )
-        _log_once(reason, detail)
-        out, lse = dense_piece(piece, causal)
+        what = "varlen_attention would fall back to dense attention"
+        reason = announce_fallback(fallback, config, what)
+        out, lse = dense_piece(piece)
         return out, lse, S2OStats(path="dense", fallback_reason=reason)
-    result = run_pieces(
-        [piece],
-        query_shape=query.shape,
-        kv_chunks=plan.kv_chunks,
-        config=config,
-        device=query.device,
-        clock=clock,
-    )
-    stats = None
-    if return_stats:
-        stats = pieces_stats([piece], result)
-        stats.time_ms = clock.times
+    result, stats = sparse_call(piece, config, clock)
     return result.outs[0], result.lses[0], stats
 
 

@@ -359,9 +359,7 @@ def _padded_attention(module, query, key, value, ranges, scaling, config) -> tor
         for n_q, n_k, stats in zip(lengths_q, lengths_k, all_stats, strict=True):
             _record(module, n_q, n_k, stats.path, stats.fallback_reason, stats)
     out = query.new_zeros((query.shape[0], query.shape[2], query.shape[1], value.shape[-1]))
-    for b, ((r0, r1), _), rows in zip(
-        range(len(ranges)), ranges, packed.split(lengths_q), strict=True
-    ):
+    for b, (((r0, r1), _), rows) in enumerate(zip(ranges, packed.split(lengths_q), strict=True)):
         out[b, r0:r1] = rows
     return out
 
