@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "s2o/limits.h"
+#include "s2o/quantized_scores.h"
 
 namespace {
 
@@ -46,7 +47,9 @@ extern "C" PyObject* PyInit__C(void) {
       PyModule_AddIntConstant(module, "CUDA_MAX_UNIT_ROWS", s2o::kCudaMaxUnitRows) < 0 ||
       PyModule_AddIntConstant(module, "CPU_MAX_HEAD_DIM", s2o::kCpuMaxHeadDim) < 0 ||
       PyModule_AddIntConstant(module, "COUNTING_RANK_BITS", s2o::kCountingRankBits) < 0 ||
-      PyModule_AddIntConstant(module, "MAX_RANK_BITS", s2o::kMaxRankBits) < 0) {
+      PyModule_AddIntConstant(module, "MAX_RANK_BITS", s2o::kMaxRankBits) < 0 ||
+      PyModule_AddIntConstant(module, "SCORE_MEAN_LEVELS", s2o::kMeanLevels) < 0 ||
+      PyModule_AddIntConstant(module, "SCORE_VARIANCE_LEVELS", s2o::kVarianceLevels) < 0) {
     Py_DECREF(module);
     return nullptr;
   }
@@ -57,8 +60,8 @@ TORCH_LIBRARY(s2o, m) {
   // Per segment of segment_size query rows, the fp32 mean of its query rows (pooled over the G
   // query heads of a group when order_per_kv_head) and its dot product with every history key,
   // plus score_variance x scale (None: 1/sqrt(D)) times the rows' per-dimension variance dotted
-  // with the key squared.
-  // Returns scores [B, H_ord, T] fp32.
+  // with the key squared, both as exact integer products of quantised vectors
+  // (s2o/quantized_scores.h). Returns scores [B, H_ord, T] fp32.
   m.def(
       "estimate_importance(Tensor query, Tensor key, int segment_size, int q_offset, bool is_causal, "
       "bool order_per_kv_head, float score_variance, float? scale) -> Tensor");

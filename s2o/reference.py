@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import ceil_div
+from .limits import SCORE_MEAN_LEVELS, SCORE_VARIANCE_LEVELS
 from .plan import Plan, softmax_scale
 
 
@@ -52,10 +53,30 @@ def dense_attention(
     return torch.softmax(logits, dim=-1) @ v, lse
 
 
+def _quantize(x: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
+    """csrc/include/s2o/quantized_scores.h's quantize(x, quantization_gain(bound, levels)), as
+    float64 integers."""
+    gain = torch.where(bound > 0, levels / bound, torch.zeros_like(bound))
+    return torch.round((x * gain).clamp(-levels, levels)).double()
+
+
+def _segment_scores(
+    vector: torch.Tensor, key_bound: torch.Tensor, keys: torch.Tensor, levels: int
+) -> torch.Tensor:
+    """One term of the quantised score (quantized_scores.h): ``vector [..., D]`` scaled by the
+    keys' bounds and quantised against its own largest entry, times the quantised ``keys [..., n,
+    D]``, exactly (float64 holds the integer sums), times the step: ``[..., n]`` fp32."""
+    scaled = vector * key_bound
+    largest = scaled.abs().amax(dim=-1, keepdim=True)
+    products = torch.einsum("...d,...nd->...n", _quantize(scaled, largest, levels), keys)
+    return products.float() * (largest / (levels * levels))
+
+
 def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Per segment, the representative (mean query row) dotted with the history keys, plus
     ``score_variance * scale * sum_d var[d] * k[d]^2`` with ``var`` the per-dimension variance of
-    the segment's rows (pooled like the mean; see ``s2o.ops.estimate_importance``).
+    the segment's rows (pooled like the mean; see ``s2o.ops.estimate_importance``), as the kernels
+    compute them: integer products of quantised vectors (csrc/include/s2o/quantized_scores.h).
 
     Returns scores ``[B, H_ord, T]`` fp32.
     """
@@ -65,7 +86,16 @@ def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> t
     layout, order_per_kv_head = plan.layout, plan.order_per_kv_head
     variance_weight = plan.score_variance * softmax_scale(head_dim, plan.scale)
     q = query.float()
-    k = key.float() if order_per_kv_head else _kv_for_query_heads(key.float(), group)
+    # The keys' per-dimension bounds (over all keys) and quantised values, per KV head.
+    k = key.float()
+    bound = k.abs().amax(dim=2, keepdim=True) if k.shape[2] else k.new_zeros(k[:, :, :1].shape)
+    squared_bound = bound * bound
+    mean_keys = _quantize(k, bound, SCORE_MEAN_LEVELS)
+    variance_keys = _quantize(k * k, squared_bound, SCORE_VARIANCE_LEVELS)
+    if not order_per_kv_head:
+        mean_keys, variance_keys, bound, squared_bound = (
+            _kv_for_query_heads(t, group) for t in (mean_keys, variance_keys, bound, squared_bound)
+        )
     scores = []
     for s in range(layout.num_segments):
         rows = q[:, :, layout.segment_rows(s)]
@@ -73,11 +103,13 @@ def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> t
             rows = rows.reshape(batch, kv_heads, -1, head_dim)
         rep = rows.mean(dim=2)
         history = layout.history_length(s)
-        keys = k[:, :, :history]
-        score = torch.einsum("bhd,bhnd->bhn", rep, keys)
+        score = _segment_scores(rep, bound[:, :, 0], mean_keys[:, :, :history], SCORE_MEAN_LEVELS)
         if variance_weight > 0:
-            variance = (rows - rep.unsqueeze(2)).square().mean(dim=2)
-            score = score + variance_weight * torch.einsum("bhd,bhnd->bhn", variance, keys.square())
+            variance = variance_weight * (rows - rep.unsqueeze(2)).square().mean(dim=2)
+            score = score + _segment_scores(
+                variance, squared_bound[:, :, 0], variance_keys[:, :, :history],
+                SCORE_VARIANCE_LEVELS,
+            )  # fmt: skip
         scores.append(score)
     return torch.cat(scores, dim=-1)
 

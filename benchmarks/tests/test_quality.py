@@ -168,7 +168,11 @@ def test_python_mean_scores_equal_the_op(ordering, score_variance):
     )
     expected = Plan.for_call(config, q.shape, k.shape, is_causal=True, scale=0.25).estimate(q, k)
     scores = s2o_curve.alternative_scores(q, k, config, "mean", scale=0.25)
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    # The op's products are quantised to 12 bits (variance term: 8) of their range, the Python
+    # ones exact fp32: they agree to about a level of the largest score (a wrong segment or
+    # history would be off by the scores' own size).
+    atol = 2e-3 * float(expected.abs().max()) * (4 if score_variance else 1)
+    torch.testing.assert_close(scores, expected, atol=atol, rtol=0)
     assert s2o_curve.alternative_scores(q, k, config, "head-max", scale=0.25).shape == scores.shape
 
 

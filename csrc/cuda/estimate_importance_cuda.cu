@@ -34,31 +34,47 @@ void estimate_importance_cuda(const EstimateImportanceCall& call) {
   p.q_strides = strides_of(query);
   p.k_strides = strides_of(key);
 
-  // The segments' representatives: scratch between the two kernels.
-  at::Tensor representatives = at::empty({p.batch, p.ordering_heads, layout.num_segments(), p.head_dim},
-                                         query.options().dtype(at::kFloat));
-  p.representatives = representatives.mutable_data_ptr<float>();
-  p.scores = call.scores.mutable_data_ptr<float>();
   p.variance_weight = call.variance_weight;
-  at::Tensor variances;  // the weighted variances, scratch of the second scoring pass
-  if (p.variance_weight > 0.0f) {
-    variances = at::empty_like(representatives);
-    p.variances = variances.mutable_data_ptr<float>();
+  p.scores = call.scores.mutable_data_ptr<float>();
+  if (layout.total_history() == 0) return;
+  p.seen_keys = layout.history_length(layout.num_segments() - 1);
+
+  // Scratch between the kernels: the keys' bounds, the segments' quantised vectors and steps.
+  const int64_t segments = int64_t(p.batch) * p.ordering_heads * layout.num_segments();
+  const at::TensorOptions bytes = query.options().dtype(at::kChar);
+  const at::TensorOptions floats = query.options().dtype(at::kFloat);
+  const at::Tensor bounds = at::zeros({p.batch, p.kv_heads, p.head_dim}, floats);
+  const bool with_variance = p.variance_weight > 0.0f;
+  const at::Tensor vectors = at::empty({with_variance ? 3 : 2, segments, p.head_dim}, bytes);
+  const at::Tensor steps = at::empty({with_variance ? 2 : 1, segments}, floats);
+  p.key_bounds = bounds.mutable_data_ptr<float>();
+  p.mean_high = static_cast<int8_t*>(vectors[0].data_ptr());
+  p.mean_low = static_cast<int8_t*>(vectors[1].data_ptr());
+  p.mean_steps = steps[0].mutable_data_ptr<float>();
+  if (with_variance) {
+    p.variance_vector = static_cast<int8_t*>(vectors[2].data_ptr());
+    p.variance_steps = steps[1].mutable_data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   S2O_DISPATCH_CUDA_ELEMENT(query.scalar_type(), "estimate_importance", [&] {
     S2O_DISPATCH_HEAD_DIM(p.head_dim, "estimate_importance", [&] {
-      const dim3 mean_grid(unsigned(layout.num_segments()), unsigned(p.ordering_heads),
-                           unsigned(p.batch));
-      segment_means_kernel<Element><<<mean_grid, kHeadDim, 0, stream>>>(p);
+      const dim3 bound_grid(unsigned(ceil_div(layout.num_keys, kBoundKeys)), unsigned(p.kv_heads),
+                            unsigned(p.batch));
+      key_bounds_kernel<Element><<<bound_grid, kHeadDim, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (layout.total_history() == 0) return;
-      using Tile = HistoryScoresTile;
-      const dim3 grid(unsigned(ceil_div(layout.num_keys, Tile::kKeys)),
+      const dim3 vector_grid(unsigned(layout.num_segments()), unsigned(p.ordering_heads),
+                             unsigned(p.batch));
+      segment_vectors_kernel<Element, kHeadDim><<<vector_grid, kHeadDim, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      using Tile = HistoryScoresTile<kHeadDim>;
+      const auto kernel = history_scores_kernel<Element, kHeadDim>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          Tile::kSharedBytes));
+      const dim3 grid(unsigned(ceil_div(p.seen_keys, Tile::kKeys)),
                       unsigned(ceil_div(layout.num_segments(), Tile::kSegments)),
                       unsigned(p.batch * p.ordering_heads));
-      history_scores_kernel<Element, kHeadDim><<<grid, Tile::kThreads, 0, stream>>>(p);
+      kernel<<<grid, Tile::kThreads, Tile::kSharedBytes, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

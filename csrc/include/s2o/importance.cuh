@@ -1,14 +1,14 @@
 // Kernels of s2o::estimate_importance. Torch-free.
 //
-// They reproduce the CPU kernel's arithmetic exactly (csrc/cpu/estimate_importance_cpu.cpp), so
-// both devices rank the history identically:
+// They compute what the CPU kernel computes (csrc/cpu/estimate_importance_cpu.cpp), bit for bit:
+// the segment statistics in the same fp32 order, then the scores as integer products of quantised
+// vectors (s2o/quantized_scores.h) on the int8 tensor cores, where the order of the integer sums
+// does not matter:
 //   representative r[d] = (sum of q[d] over the segment's rows, heads outer and rows inner, one
 //                          fp32 addition at a time) / count
-//   score(j)            = fma chain over d = 0..D-1: acc = fma(r[d], k[j][d], acc), acc0 = 0
-// and with variance_weight w > 0:
 //   c[d]                = w * ((fma chain over the rows, same order, of e * e with
-//                          e = q[d] - r[d]) / count)
-//   score(j)           += fma chain over d: acc = fma(c[d], k[j][d] * k[j][d], acc)
+//                          e = q[d] - r[d]) / count)     (with variance_weight w > 0)
+// Three launches: the keys' per-dimension bounds, the segments' quantised vectors, the scores.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,16 +18,77 @@
 #include "s2o/common.cuh"
 #include "s2o/layout.h"
 #include "s2o/params.h"
+#include "s2o/quantized_scores.h"
 
 namespace s2o {
 
-// One block per (segment, ordering head, batch); thread d owns dimension d.
+// Keys per block of key_bounds_kernel.
+constexpr int kBoundKeys = 512;
+
+// m[d] = max |k[j][d]| over all keys (per batch entry and KV head): one block per
+// kBoundKeys keys of one head, thread d owns dimension d; the blocks meet in an integer atomicMax,
+// exact for non-negative floats. fmaxf drops NaNs, as std::fmax does on the CPU. key_bounds must be
+// zeroed before.
 template <typename Element>
-__global__ void segment_means_kernel(const __grid_constant__ EstimateImportanceParams p) {
+__global__ void key_bounds_kernel(const __grid_constant__ EstimateImportanceParams p) {
+  const int d = threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t begin = int64_t(blockIdx.x) * kBoundKeys;
+  const int64_t end = min(begin + kBoundKeys, p.layout.num_keys);
+  const Element* k =
+      static_cast<const Element*>(p.key) + b * p.k_strides.batch + h * p.k_strides.head + d;
+  float bound = 0.0f;
+#pragma unroll 8
+  for (int64_t j = begin; j < end; ++j)
+    bound = fmaxf(bound, fabsf(to_float(k[j * p.k_strides.row])));
+  atomicMax(reinterpret_cast<int*>(p.key_bounds) + (int64_t(b) * p.kv_heads + h) * p.head_dim + d,
+            __float_as_int(bound));
+}
+
+// max over the block (one thread per dimension, up to 4 warps) of a non-negative value.
+template <int kHeadDim>
+__device__ __forceinline__ float block_max(float value, float* scratch) {
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "one to four whole warps");
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  __syncthreads();  // an earlier call's scratch has been read
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kHeadDim / 32; ++w) value = fmaxf(value, scratch[w]);
+  return value;
+}
+
+// The value's quantised form against the block's largest |value| (quantized_scores.h); returns
+// it and writes the product step.
+template <int kHeadDim>
+__device__ __forceinline__ int32_t quantize_against_block(float value, int levels, float* scratch,
+                                                          float* step) {
+  // fmaxf(0, .) maps a NaN to 0, as the CPU's running std::fmax from 0 does.
+  const float largest = block_max<kHeadDim>(fmaxf(0.0f, fabsf(value)), scratch);
+  *step = dequantization_step(largest, levels);
+  return quantize(value, quantization_gain(largest, levels), levels);
+}
+
+// The 12-bit value v = 64 * high + low with low in [-32, 31] and high in [-32, 32]: both int8, so
+// that r~ . k~ = 4096 high.high + 64 (high.low + low.high) + low.low on the int8 tensor cores.
+__device__ __forceinline__ void split_levels(int32_t v, int8_t* high, int8_t* low) {
+  static_assert(kMeanLevels <= 64 * 32 - 1, "the high part must fit [-32, 32]");
+  const int32_t h = (v + 32) >> 6;  // arithmetic shift: floor((v + 32) / 64)
+  *high = int8_t(h);
+  *low = int8_t(v - h * 64);
+}
+
+// One block per (segment, ordering head, batch); thread d owns dimension d. Writes the segment's
+// quantised vectors (r~ split into high and low parts; c~) and their product steps.
+template <typename Element, int kHeadDim>
+__global__ void segment_vectors_kernel(const __grid_constant__ EstimateImportanceParams p) {
+  __shared__ float scratch[kHeadDim / 32];
   const int d = threadIdx.x;
   const int64_t s = blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
   const int first_head = p.order_per_kv_head ? h * p.group : h;
+  const int kv_head = p.order_per_kv_head ? h : h / p.group;
   const int heads = p.order_per_kv_head ? p.group : 1;
   const int64_t row_begin = s * p.layout.segment_size;
   const int64_t row_end = min(row_begin + p.layout.segment_size, p.layout.num_queries);
@@ -36,12 +97,19 @@ __global__ void segment_means_kernel(const __grid_constant__ EstimateImportanceP
   for (int g = 0; g < heads; ++g) {
     const Element* rows = q + (first_head + g) * p.q_strides.head;
 #pragma unroll 8
-    for (int64_t i = row_begin; i < row_end; ++i) acc = __fadd_rn(acc, to_float(rows[i * p.q_strides.row]));
+    for (int64_t i = row_begin; i < row_end; ++i)
+      acc = __fadd_rn(acc, to_float(rows[i * p.q_strides.row]));
   }
   const float count = float(heads * (row_end - row_begin));
   const float mean = __fdiv_rn(acc, count);
-  const int64_t out = ((int64_t(b) * p.ordering_heads + h) * p.layout.num_segments() + s) * p.head_dim + d;
-  p.representatives[out] = mean;
+  const float bound = p.key_bounds[(int64_t(b) * p.kv_heads + kv_head) * kHeadDim + d];
+  const int64_t segment = (int64_t(b) * p.ordering_heads + h) * p.layout.num_segments() + s;
+  const int64_t out = segment * kHeadDim + d;
+  float step;
+  const int32_t level =
+      quantize_against_block<kHeadDim>(__fmul_rn(mean, bound), kMeanLevels, scratch, &step);
+  split_levels(level, p.mean_high + out, p.mean_low + out);
+  if (d == 0) p.mean_steps[segment] = step;
   if (p.variance_weight > 0.0f) {
     float spread = 0.0f;
     for (int g = 0; g < heads; ++g) {
@@ -52,149 +120,197 @@ __global__ void segment_means_kernel(const __grid_constant__ EstimateImportanceP
         spread = __fmaf_rn(e, e, spread);
       }
     }
-    p.variances[out] = __fmul_rn(p.variance_weight, __fdiv_rn(spread, count));
+    const float variance = __fmul_rn(p.variance_weight, __fdiv_rn(spread, count));
+    p.variance_vector[out] = int8_t(quantize_against_block<kHeadDim>(
+        __fmul_rn(variance, __fmul_rn(bound, bound)), kVarianceLevels, scratch, &step));
+    if (d == 0) p.variance_steps[segment] = step;
   }
 }
 
-struct HistoryScoresTile {
-  static constexpr int kSegments = 64;   // segments per block (small: the history is a triangle)
-  static constexpr int kKeys = 256;      // keys per block
-  static constexpr int kDimStep = 16;    // head dims staged in shared memory at a time
-  static constexpr int kThreads = 256;   // 8 x 32 threads, each 8 segments x 8 keys
-  static constexpr int kPad = 4;         // keeps float4 alignment of the transposed rows
-  static constexpr int kSegStride = kSegments + kPad;
-  static constexpr int kKeyStride = kKeys + kPad;
-  static_assert(kKeys == kThreads, "each thread stages the dims of one key");
-  static_assert(kSegments * kDimStep == kThreads * 4, "one float4 representative load per thread");
-};
-
-// First segment and first key (within the block's tile) of thread tid's 8 x 8 scores. Warps are
-// 2 (segments) x 4 (keys); in a warp, lane bits 0 and 2 pick one of 4 groups of 8 segments and
-// bits 1, 3, 4 one of 8 groups of 4 keys. So lanes n and n^2 load the same representatives and
-// lanes n and n^1 the same keys: the shared memory returns each 16-byte load to such pairs at
-// once, two requests per load instead of four, and the shared loads (4 per 64 fmas) no longer
-// hold the fmas back.
-__device__ __forceinline__ int2 lane_tile(int tid) {
-  const int warp = tid / 32, lane = tid % 32;
-  const int seg_group = (lane & 1) | ((lane >> 1) & 2);
-  const int key_group = ((lane >> 1) & 1) | ((lane >> 2) & 6);
-  return make_int2((warp / 4) * 32 + seg_group * 8, (warp % 4) * 64 + key_group * 4);
+// D += A B for one m16n8k32 int8 tile: A row-major 16x32 (4 regs), B column-major 32x8 (2 regs),
+// D 16x8 int32 (4 regs).
+__device__ __forceinline__ void mma_16832_s8(int32_t* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Scores of a 256-key tile against 64 segments' representatives, as a register-tiled SGEMM: each
-// thread owns 8 consecutive segments x 8 keys (two groups of 4 consecutive keys 32 apart) and
-// accumulates over d in order, one fma per d: four 16-byte shared loads feed 64 fmas. A warp
-// covers 32 segments x 64 keys (lane_tile). With a variance term a second pass over
-// d continues the same accumulators with the weighted variances against the squared keys. Blocks
-// whose keys lie beyond all their segments' histories exit (the history is a triangle).
+template <int kHeadDim>
+struct HistoryScoresTile {
+  static constexpr int kSegments = 64;  // segments per block (small: the history is a triangle)
+  static constexpr int kKeys = 128;     // keys per block
+  static constexpr int kThreads = 256;  // 8 warps: 2 (segments) x 4 (keys), 32 x 32 scores each
+  // Bytes per row of an int8 plane in shared memory: 16 more than a row, so that the 8 rows and
+  // 4 column words of one fragment load fall in 32 distinct banks.
+  static constexpr int kStride = kHeadDim + 16;
+  static constexpr int kSegmentPlane = kSegments * kStride;
+  static constexpr int kKeyPlane = kKeys * kStride;
+  // Planes: segments' high, low, variance; keys' high, low, squared; then the keys' gains.
+  static constexpr int kSharedBytes =
+      3 * kSegmentPlane + 3 * kKeyPlane + 2 * kHeadDim * int(sizeof(float));
+  static_assert(kHeadDim % 32 == 0, "whole k-steps of 32 dimensions");
+};
+
+// The 4 int8 values at (row, d..d+3) of a plane whose rows are kStride bytes apart.
+template <int kStride>
+__device__ __forceinline__ uint32_t plane_word(const int8_t* plane, int row, int d) {
+  return *reinterpret_cast<const uint32_t*>(plane + row * kStride + d);
+}
+
+// acc[i][j] += the warp's 32 x 32 block of plane_a . plane_b over all dimensions.
+template <int kHeadDim, int kStride>
+__device__ __forceinline__ void accumulate_products(int32_t (*acc)[4][4], const int8_t* plane_a,
+                                                    const int8_t* plane_b, int seg0, int key0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int k0 = 0; k0 < kHeadDim; k0 += 32) {
+    uint32_t a[2][4], b[4][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = seg0 + i * 16 + g;
+      a[i][0] = plane_word<kStride>(plane_a, row, k0 + t * 4);
+      a[i][1] = plane_word<kStride>(plane_a, row + 8, k0 + t * 4);
+      a[i][2] = plane_word<kStride>(plane_a, row, k0 + 16 + t * 4);
+      a[i][3] = plane_word<kStride>(plane_a, row + 8, k0 + 16 + t * 4);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = key0 + j * 8 + g;
+      b[j][0] = plane_word<kStride>(plane_b, row, k0 + t * 4);
+      b[j][1] = plane_word<kStride>(plane_b, row, k0 + 16 + t * 4);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mma_16832_s8(acc[i][j], a[i], b[j]);
+  }
+}
+
+template <int kShift>
+__device__ __forceinline__ void scale_accumulators(int32_t (*acc)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] *= kShift;
+}
+
+// Scores of 128 keys against 64 segments: the keys are quantised into shared memory (split into
+// high and low int8 parts, and squared), the segments' vectors come quantised from
+// segment_vectors_kernel, and each warp computes 32 x 32 integer dot products on the tensor cores
+// (r~ . k~ in four int8 products, c~ . k2~ in one), then the scores. Blocks whose keys lie beyond
+// all their segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(HistoryScoresTile::kThreads, 2)
+__global__ void __launch_bounds__(HistoryScoresTile<kHeadDim>::kThreads)
     history_scores_kernel(const __grid_constant__ EstimateImportanceParams p) {
-  using Tile = HistoryScoresTile;
-  constexpr int kStep = Tile::kDimStep;
-  static_assert(kHeadDim % kStep == 0, "whole dimension steps");
+  using Tile = HistoryScoresTile<kHeadDim>;
+  constexpr int kStride = Tile::kStride;
   const SegmentLayout& layout = p.layout;
   const int64_t num_segments = layout.num_segments();
   const int64_t seg_begin = int64_t(blockIdx.y) * Tile::kSegments;
   const int64_t seg_last = min(seg_begin + Tile::kSegments, num_segments) - 1;
   const int64_t key_begin = int64_t(blockIdx.x) * Tile::kKeys;
-  if (key_begin >= layout.history_length(seg_last)) return;  // history grows with the segment
+  const int64_t keys_seen = layout.history_length(seg_last);
+  if (key_begin >= keys_seen) return;  // history grows with the segment
   const int bh = blockIdx.z, b = bh / p.ordering_heads, h = bh % p.ordering_heads;
   const int kv_head = p.order_per_kv_head ? h : h / p.group;
+  const bool with_variance = p.variance_weight > 0.0f;
 
-  __shared__ __align__(16) float s_rep[kStep * Tile::kSegStride];  // [d][segment]
-  __shared__ __align__(16) float s_key[kStep * Tile::kKeyStride];  // [d][key]
+  extern __shared__ __align__(16) int8_t shared[];
+  int8_t* seg_high = shared;
+  int8_t* seg_low = seg_high + Tile::kSegmentPlane;
+  int8_t* seg_variance = seg_low + Tile::kSegmentPlane;
+  int8_t* key_high = seg_variance + Tile::kSegmentPlane;
+  int8_t* key_low = key_high + Tile::kKeyPlane;
+  int8_t* key_squared = key_low + Tile::kKeyPlane;
+  float* gain = reinterpret_cast<float*>(key_squared + Tile::kKeyPlane);  // [2][kHeadDim]
   const int tid = threadIdx.x;
+
+  if (tid < kHeadDim) {
+    const float bound = p.key_bounds[(int64_t(b) * p.kv_heads + kv_head) * kHeadDim + tid];
+    gain[tid] = quantization_gain(bound, kMeanLevels);
+    gain[kHeadDim + tid] = quantization_gain(__fmul_rn(bound, bound), kVarianceLevels);
+  }
+  // The segments' quantised vectors: 16-byte copies, zeros past the last segment.
+  constexpr int kChunks = kHeadDim / 16;  // 16-byte chunks per row
+  const int64_t vectors = (int64_t(bh) * num_segments + seg_begin) * kHeadDim;
+  for (int c = tid; c < Tile::kSegments * kChunks; c += Tile::kThreads) {
+    const int row = c / kChunks, d = (c % kChunks) * 16;
+    const bool valid = seg_begin + row < num_segments;
+    const int64_t src = vectors + int64_t(row) * kHeadDim + d;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(seg_high + row * kStride + d) =
+        valid ? *reinterpret_cast<const uint4*>(p.mean_high + src) : zero;
+    *reinterpret_cast<uint4*>(seg_low + row * kStride + d) =
+        valid ? *reinterpret_cast<const uint4*>(p.mean_low + src) : zero;
+    if (with_variance)
+      *reinterpret_cast<uint4*>(seg_variance + row * kStride + d) =
+          valid ? *reinterpret_cast<const uint4*>(p.variance_vector + src) : zero;
+  }
+  __syncthreads();  // the gains
+  // The keys, 8 dimensions per step: quantised, split, squared; zeros past the seen keys.
   const Element* keys = static_cast<const Element*>(p.key) + b * p.k_strides.batch +
                         kv_head * p.k_strides.head;
-  // Staging: thread t takes key t's kStep dims (two 16-byte loads) and a float4 of one
-  // representative; consecutive threads take consecutive keys (segments), so the transposed
-  // stores hit distinct banks.
-  const int rep_row = tid % Tile::kSegments, rep_part = tid / Tile::kSegments;  // part: 0..3
-  const int64_t stage_key = key_begin + tid;
-  const bool key_valid = stage_key < layout.num_keys;
-  const bool rep_valid = seg_begin + rep_row < num_segments;
-  const Element* key_src = keys + (key_valid ? stage_key : 0) * p.k_strides.row;
-  const int64_t rep_offset = (int64_t(bh) * num_segments + seg_begin + rep_row) * kHeadDim + rep_part * 4;
-
-  // Steps of kStep dims: [0, kSteps) score the representatives against the keys, [kSteps,
-  // 2 kSteps) (with a variance term) the weighted variances against the squared keys. The next
-  // step's keys and vectors are loaded into registers while this step computes.
-  constexpr int kSteps = kHeadDim / kStep;
-  const int steps = p.variance_weight > 0.0f ? 2 * kSteps : kSteps;
-  uint4 key_raw[2];
-  float4 rep_raw;
-  auto load_step = [&](int step) {
-    const int d0 = (step % kSteps) * kStep;
-    const float* vectors = step < kSteps ? p.representatives : p.variances;
+  constexpr int kOctets = kHeadDim / 8;
+  for (int c = tid; c < Tile::kKeys * kOctets; c += Tile::kThreads) {
+    const int row = c / kOctets, d = (c % kOctets) * 8;
+    const int64_t key = key_begin + row;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (key < keys_seen) raw = *reinterpret_cast<const uint4*>(keys + key * p.k_strides.row + d);
+    const Element* e = reinterpret_cast<const Element*>(&raw);
+    int8_t high[8], low[8], squared[8];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-      key_raw[i] = key_valid ? *reinterpret_cast<const uint4*>(key_src + d0 + i * 8)
-                             : make_uint4(0, 0, 0, 0);
-    rep_raw = rep_valid ? *reinterpret_cast<const float4*>(vectors + rep_offset + d0)
-                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  };
-  load_step(0);
-
-  const int2 tile = lane_tile(tid);
-  const int seg0 = tile.x, key0 = tile.y;
-  float acc[8][8] = {};
-#pragma unroll 1
-  for (int step = 0; step < steps; ++step) {
-    __syncthreads();  // the previous step's tiles are no longer read
-    const Element* e = reinterpret_cast<const Element*>(key_raw);
-    if (step < kSteps) {
-#pragma unroll
-      for (int i = 0; i < kStep; ++i) s_key[i * Tile::kKeyStride + tid] = to_float(e[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kStep; ++i) {
-        const float k = to_float(e[i]);
-        s_key[i * Tile::kKeyStride + tid] = __fmul_rn(k, k);  // rounded before the fma, as on the CPU
-      }
+    for (int i = 0; i < 8; ++i) {
+      const float x = to_float(e[i]);
+      split_levels(quantize(x, gain[d + i], kMeanLevels), high + i, low + i);
+      squared[i] = int8_t(quantize(__fmul_rn(x, x), gain[kHeadDim + d + i], kVarianceLevels));
     }
-    s_rep[(rep_part * 4 + 0) * Tile::kSegStride + rep_row] = rep_raw.x;
-    s_rep[(rep_part * 4 + 1) * Tile::kSegStride + rep_row] = rep_raw.y;
-    s_rep[(rep_part * 4 + 2) * Tile::kSegStride + rep_row] = rep_raw.z;
-    s_rep[(rep_part * 4 + 3) * Tile::kSegStride + rep_row] = rep_raw.w;
-    __syncthreads();
-    if (step + 1 < steps) load_step(step + 1);
-#pragma unroll
-    for (int d = 0; d < kStep; ++d) {
-      const float* rd = s_rep + d * Tile::kSegStride + seg0;
-      const float4 r_lo = *reinterpret_cast<const float4*>(rd);
-      const float4 r_hi = *reinterpret_cast<const float4*>(rd + 4);
-      const float* kd = s_key + d * Tile::kKeyStride + key0;
-      const float4 k_lo = *reinterpret_cast<const float4*>(kd);
-      const float4 k_hi = *reinterpret_cast<const float4*>(kd + 32);
-      const float rs[8] = {r_lo.x, r_lo.y, r_lo.z, r_lo.w, r_hi.x, r_hi.y, r_hi.z, r_hi.w};
-      const float ks[8] = {k_lo.x, k_lo.y, k_lo.z, k_lo.w, k_hi.x, k_hi.y, k_hi.z, k_hi.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = __fmaf_rn(rs[i], ks[j], acc[i][j]);
-    }
+    *reinterpret_cast<uint2*>(key_high + row * kStride + d) = *reinterpret_cast<const uint2*>(high);
+    *reinterpret_cast<uint2*>(key_low + row * kStride + d) = *reinterpret_cast<const uint2*>(low);
+    if (with_variance)
+      *reinterpret_cast<uint2*>(key_squared + row * kStride + d) =
+          *reinterpret_cast<const uint2*>(squared);
   }
+  __syncthreads();
 
-  // Each group of 4 consecutive keys goes out as one 16-byte store where the segment's scores
-  // are aligned and all 4 lie in its history, else key by key.
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int seg0 = (warp / 4) * 32, key0 = (warp % 4) * 32;
+  // r~ . k~ = ((high.high) 64 + high.low + low.high) 64 + low.low, exactly in int32.
+  int32_t mean[2][4][4] = {}, spread[2][4][4] = {};
+  accumulate_products<kHeadDim, kStride>(mean, seg_high, key_high, seg0, key0);
+  scale_accumulators<64>(mean);
+  accumulate_products<kHeadDim, kStride>(mean, seg_high, key_low, seg0, key0);
+  accumulate_products<kHeadDim, kStride>(mean, seg_low, key_high, seg0, key0);
+  scale_accumulators<64>(mean);
+  accumulate_products<kHeadDim, kStride>(mean, seg_low, key_low, seg0, key0);
+  if (with_variance)
+    accumulate_products<kHeadDim, kStride>(spread, seg_variance, key_squared, seg0, key0);
+
   float* out = p.scores + int64_t(bh) * layout.total_history();
+  const int64_t steps = int64_t(bh) * num_segments;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int64_t s = seg_begin + seg0 + i;
-    if (s >= num_segments) continue;
-    const int64_t history = layout.history_length(s);
-    float* seg_out = out + layout.history_offset(s);
+  for (int i = 0; i < 2; ++i) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t key = key_begin + key0 + half * 32;
-      const float* v = acc[i] + half * 4;
-      if (key + 4 <= history && (reinterpret_cast<uintptr_t>(seg_out + key) & 15) == 0) {
-        *reinterpret_cast<float4*>(seg_out + key) = make_float4(v[0], v[1], v[2], v[3]);
-      } else {
+      const int64_t s = seg_begin + seg0 + i * 16 + g + half * 8;
+      if (s >= num_segments) continue;
+      const int64_t history = layout.history_length(s);
+      const float mean_step = p.mean_steps[steps + s];
+      const float variance_step = with_variance ? p.variance_steps[steps + s] : 0.0f;
+      float* seg_out = out + layout.history_offset(s);
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (key + j < history) seg_out[key + j] = v[j];
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t key = key_begin + key0 + j * 8 + t * 2 + e;
+          const int c = half * 2 + e;
+          if (key < history)
+            seg_out[key] = integer_score(mean[i][j][c], mean_step, with_variance,
+                                         spread[i][j][c], variance_step);
+        }
       }
     }
   }

@@ -16,11 +16,16 @@ struct TensorStrides {  // of a [B, H, N, D] tensor
 struct EstimateImportanceParams {
   const void* query;        // [B, Hq, Nq, D]
   const void* key;          // [B, Hkv, Nk, D]
-  float* representatives;   // [B, H_ord, num_segments, D], contiguous
-  float* variances;         // [B, H_ord, num_segments, D], contiguous: variance_weight * var;
-                            // null when variance_weight is 0
+  // Scratch between the kernels (s2o/quantized_scores.h), contiguous:
+  float* key_bounds;        // [B, Hkv, D]: m[d], zeroed before key_bounds_kernel
+  int8_t* mean_high;        // [B, H_ord, num_segments, D]: r~ = 64 high + low
+  int8_t* mean_low;         // [B, H_ord, num_segments, D]
+  int8_t* variance_vector;  // [B, H_ord, num_segments, D]: c~; null when variance_weight is 0
+  float* mean_steps;        // [B, H_ord, num_segments]
+  float* variance_steps;    // [B, H_ord, num_segments]; null when variance_weight is 0
   float* scores;            // [B, H_ord, T], contiguous
   float variance_weight;    // weight of the second-order term (0: none)
+  int64_t seen_keys;        // keys some segment sees: the last segment's history length
   TensorStrides q_strides, k_strides;
   SegmentLayout layout;
   int batch, q_heads, kv_heads, head_dim;
