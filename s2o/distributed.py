@@ -375,17 +375,19 @@ def _gather_positions(shard: torch.Tensor, bounds, group) -> torch.Tensor:
 
 
 def _query_pieces(query, key, value, ranges, config, is_causal, scale) -> list[QueryPiece]:
-    """This rank's query rows, one piece per non-empty range, each against the keys before its
-    end (causal) or all keys, at its own causal offset (bottom-right: it is the last rows of the
-    keys it sees)."""
-    piece_config = dataclasses.replace(config, causal_alignment="bottom_right")
+    """This rank's query rows, one piece per non-empty range, against all keys, the first row at
+    position ``begin`` (causal: it sees the keys before its position, as in the whole call; the
+    keys past the piece's rows still set the importance scores' quantisation bounds, as they do
+    for the whole)."""
     pieces, offset = [], 0
     for begin, end in ranges:
         if end == begin:
             continue
         rows = query[:, :, offset : offset + end - begin]
         offset += end - begin
-        k, v = (key[:, :, :end], value[:, :, :end]) if is_causal else (key, value)
-        plan = Plan.for_call(piece_config, rows.shape, k.shape, is_causal=is_causal, scale=scale)
-        pieces.append(QueryPiece(rows, k, v, plan, first_row=begin))
+        plan = Plan.for_call(
+            config, rows.shape, key.shape, is_causal=is_causal, scale=scale,
+            q_offset=begin if is_causal else 0,
+        )  # fmt: skip
+        pieces.append(QueryPiece(rows, key, value, plan, first_row=begin))
     return pieces

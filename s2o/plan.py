@@ -55,12 +55,15 @@ class Plan:
         *,
         is_causal: bool,
         scale: float | None = None,
+        q_offset: int | None = None,
     ) -> Plan:
-        """The plan of one ``[B, Hq, Nq, D]`` x ``[B, Hkv, Nk, D]`` call with this config."""
+        """The plan of one ``[B, Hq, Nq, D]`` x ``[B, Hkv, Nk, D]`` call with this config;
+        ``q_offset``: query row 0's position (None: from ``config.causal_alignment``)."""
         batch, q_heads, num_queries, _ = query_shape
         kv_heads, num_keys = key_shape[1], key_shape[2]
         group = q_heads // kv_heads
-        q_offset = causal_q_offset(num_queries, num_keys, is_causal, config.causal_alignment)
+        if q_offset is None:
+            q_offset = causal_q_offset(num_queries, num_keys, is_causal, config.causal_alignment)
         layout = SegmentLayout(num_queries, num_keys, config.segment_size, q_offset, is_causal)
         lists_per_kv_head = 1 if config.order_per_kv_head else group
         return cls(
