@@ -48,8 +48,7 @@ extern "C" PyObject* PyInit__C(void) {
       PyModule_AddIntConstant(module, "CPU_MAX_HEAD_DIM", s2o::kCpuMaxHeadDim) < 0 ||
       PyModule_AddIntConstant(module, "COUNTING_RANK_BITS", s2o::kCountingRankBits) < 0 ||
       PyModule_AddIntConstant(module, "MAX_RANK_BITS", s2o::kMaxRankBits) < 0 ||
-      PyModule_AddIntConstant(module, "SCORE_MEAN_LEVELS", s2o::kMeanLevels) < 0 ||
-      PyModule_AddIntConstant(module, "SCORE_VARIANCE_LEVELS", s2o::kVarianceLevels) < 0) {
+      PyModule_AddIntConstant(module, "SCORE_LEVELS", s2o::kScoreLevels) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

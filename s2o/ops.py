@@ -37,9 +37,9 @@ def estimate_importance(
     segment's rows spend on the key.
 
     Both products are computed exactly on integers (``csrc/include/s2o/quantized_scores.h``):
-    each key dimension quantised to ``limits.SCORE_MEAN_LEVELS`` levels of its largest value over
+    each key dimension quantised to ``limits.SCORE_LEVELS`` levels of its largest value over
     all keys, the representative (times those bounds) to as many of its own,
-    and the variance term likewise to ``limits.SCORE_VARIANCE_LEVELS``, so the CPU and the GPU's
+    and the variance term likewise, so the CPU and the GPU's
     int8 tensor cores give the same scores bit for bit, within about ``1 / (2 levels)`` of the
     exact products' range.
 

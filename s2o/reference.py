@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import ceil_div
-from .limits import SCORE_MEAN_LEVELS, SCORE_VARIANCE_LEVELS
+from .limits import SCORE_LEVELS
 from .plan import Plan, softmax_scale
 
 
@@ -90,8 +90,8 @@ def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> t
     k = key.float()
     bound = k.abs().amax(dim=2, keepdim=True) if k.shape[2] else k.new_zeros(k[:, :, :1].shape)
     squared_bound = bound * bound
-    mean_keys = _quantize(k, bound, SCORE_MEAN_LEVELS)
-    variance_keys = _quantize(k * k, squared_bound, SCORE_VARIANCE_LEVELS)
+    mean_keys = _quantize(k, bound, SCORE_LEVELS)
+    variance_keys = _quantize(k * k, squared_bound, SCORE_LEVELS)
     if not order_per_kv_head:
         mean_keys, variance_keys, bound, squared_bound = (
             _kv_for_query_heads(t, group) for t in (mean_keys, variance_keys, bound, squared_bound)
@@ -103,12 +103,12 @@ def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> t
             rows = rows.reshape(batch, kv_heads, -1, head_dim)
         rep = rows.mean(dim=2)
         history = layout.history_length(s)
-        score = _segment_scores(rep, bound[:, :, 0], mean_keys[:, :, :history], SCORE_MEAN_LEVELS)
+        score = _segment_scores(rep, bound[:, :, 0], mean_keys[:, :, :history], SCORE_LEVELS)
         if variance_weight > 0:
             variance = variance_weight * (rows - rep.unsqueeze(2)).square().mean(dim=2)
             score = score + _segment_scores(
                 variance, squared_bound[:, :, 0], variance_keys[:, :, :history],
-                SCORE_VARIANCE_LEVELS,
+                SCORE_LEVELS,
             )  # fmt: skip
         scores.append(score)
     return torch.cat(scores, dim=-1)

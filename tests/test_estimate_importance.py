@@ -3,7 +3,7 @@ import torch
 
 from s2o import reference
 from s2o.layout import SegmentLayout
-from s2o.limits import SCORE_MEAN_LEVELS, SCORE_VARIANCE_LEVELS
+from s2o.limits import SCORE_LEVELS
 from s2o.plan import softmax_scale
 
 from .conftest import CPU_CASES, case_plan, make_plan, make_qkv
@@ -29,8 +29,8 @@ def test_matches_reference(case, order_per_kv_head, dtype, contiguous, score_var
     # the term's largest |r[d] m[d]| / levels, which |q|max |k|max bounds).
     q_max, k_max = float(q.abs().max()), float(k.abs().max())
     weight = score_variance * softmax_scale(case.head_dim, plan.scale)
-    mean_level = q_max * k_max / SCORE_MEAN_LEVELS
-    variance_level = weight * (2 * q_max * k_max) ** 2 / SCORE_VARIANCE_LEVELS
+    mean_level = q_max * k_max / SCORE_LEVELS
+    variance_level = weight * (2 * q_max * k_max) ** 2 / SCORE_LEVELS
     atol = 3 * (mean_level + variance_level)
     torch.testing.assert_close(scores, ref_scores, atol=atol, rtol=0)
 

@@ -109,16 +109,16 @@ constexpr int64_t kSegmentBlock = 2 * kSegmentGroup;
 
 // The packed pairs of v~ = quantize(v[d] * bound[d]) with its own bound max_d |v[d] * bound[d]|
 // (quantized_scores.h); returns the product step.
-float quantize_segment_vector(const float* v, const float* bound, int64_t head_dim, int levels,
+float quantize_segment_vector(const float* v, const float* bound, int64_t head_dim,
                               int32_t* levels_scratch, int32_t* out) {
   float largest = 0.0f;
   for (int64_t d = 0; d < head_dim; ++d) largest = std::fmax(largest, std::fabs(v[d] * bound[d]));
-  const float gain = quantization_gain(largest, levels);
+  const float gain = quantization_gain(largest);
   for (int64_t d = 0; d < head_dim; ++d)
-    levels_scratch[d] = quantize(v[d] * bound[d], gain, levels);
+    levels_scratch[d] = quantize(v[d] * bound[d], gain);
   for (int64_t p = 0; p < dim_pairs(head_dim); ++p)
     out[p] = pack_pair(levels_scratch[2 * p], 2 * p + 1 < head_dim ? levels_scratch[2 * p + 1] : 0);
-  return dequantization_step(largest, levels);
+  return dequantization_step(largest);
 }
 
 // A segment's representative r (and variance c, when variance_weight > 0), in the order above.
@@ -200,10 +200,9 @@ KeyPlanes quantize_keys(const at::Tensor& key, const std::vector<float>& bounds,
           const int64_t row = (c * kKeyChunk + j) * key.stride(2);
           const float x = static_cast<float>(rows[row + d * key.stride(3)]);
           const int64_t at = ((d / 2) * kKeyChunk + j) * 2 + d % 2;
-          mean[at] = int16_t(quantize(x, quantization_gain(bound[d], kMeanLevels), kMeanLevels));
+          mean[at] = int16_t(quantize(x, quantization_gain(bound[d])));
           if (with_variance)
-            variance[at] = int16_t(quantize(
-                x * x, quantization_gain(bound[d] * bound[d], kVarianceLevels), kVarianceLevels));
+            variance[at] = int16_t(quantize(x * x, quantization_gain(bound[d] * bound[d])));
         }
     }
   });
@@ -272,12 +271,11 @@ void estimate_importance_kernel(const at::Tensor& query, const at::Tensor& key,
       QuantizedSegment& segment = scratch.segments[s - seg_begin];
       segment.mean = quantized;
       segment.variance = with_variance ? quantized + pairs : zeros;
-      segment.mean_step = quantize_segment_vector(r, bound, head_dim, kMeanLevels,
-                                                  scratch.levels.data(), quantized);
+      segment.mean_step =
+          quantize_segment_vector(r, bound, head_dim, scratch.levels.data(), quantized);
       segment.variance_step =
           with_variance ? quantize_segment_vector(r + head_dim, squared_bound, head_dim,
-                                                  kVarianceLevels, scratch.levels.data(),
-                                                  quantized + pairs)
+                                                  scratch.levels.data(), quantized + pairs)
                         : 0.0f;
     }
     float* list_scores = out + (b * ordering_heads + h) * total;

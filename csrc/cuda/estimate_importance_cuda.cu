@@ -45,14 +45,15 @@ void estimate_importance_cuda(const EstimateImportanceCall& call) {
   const at::TensorOptions floats = query.options().dtype(at::kFloat);
   const at::Tensor bounds = at::zeros({p.batch, p.kv_heads, p.head_dim}, floats);
   const bool with_variance = p.variance_weight > 0.0f;
-  const at::Tensor vectors = at::empty({with_variance ? 3 : 2, segments, p.head_dim}, bytes);
+  const at::Tensor vectors = at::empty({with_variance ? 4 : 2, segments, p.head_dim}, bytes);
   const at::Tensor steps = at::empty({with_variance ? 2 : 1, segments}, floats);
   p.key_bounds = bounds.mutable_data_ptr<float>();
   p.mean_high = static_cast<int8_t*>(vectors[0].data_ptr());
   p.mean_low = static_cast<int8_t*>(vectors[1].data_ptr());
   p.mean_steps = steps[0].mutable_data_ptr<float>();
   if (with_variance) {
-    p.variance_vector = static_cast<int8_t*>(vectors[2].data_ptr());
+    p.variance_high = static_cast<int8_t*>(vectors[2].data_ptr());
+    p.variance_low = static_cast<int8_t*>(vectors[3].data_ptr());
     p.variance_steps = steps[1].mutable_data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -62,25 +62,25 @@ __device__ __forceinline__ float block_max(float value, float* scratch) {
 // The value's quantised form against the block's largest |value| (quantized_scores.h); returns
 // it and writes the product step.
 template <int kHeadDim>
-__device__ __forceinline__ int32_t quantize_against_block(float value, int levels, float* scratch,
+__device__ __forceinline__ int32_t quantize_against_block(float value, float* scratch,
                                                           float* step) {
   // fmaxf(0, .) maps a NaN to 0, as the CPU's running std::fmax from 0 does.
   const float largest = block_max<kHeadDim>(fmaxf(0.0f, fabsf(value)), scratch);
-  *step = dequantization_step(largest, levels);
-  return quantize(value, quantization_gain(largest, levels), levels);
+  *step = dequantization_step(largest);
+  return quantize(value, quantization_gain(largest));
 }
 
 // The 12-bit value v = 64 * high + low with low in [-32, 31] and high in [-32, 32]: both int8, so
 // that r~ . k~ = 4096 high.high + 64 (high.low + low.high) + low.low on the int8 tensor cores.
 __device__ __forceinline__ void split_levels(int32_t v, int8_t* high, int8_t* low) {
-  static_assert(kMeanLevels <= 64 * 32 - 1, "the high part must fit [-32, 32]");
+  static_assert(kScoreLevels <= 64 * 32 - 1, "the high part must fit [-32, 32]");
   const int32_t h = (v + 32) >> 6;  // arithmetic shift: floor((v + 32) / 64)
   *high = int8_t(h);
   *low = int8_t(v - h * 64);
 }
 
 // One block per (segment, ordering head, batch); thread d owns dimension d. Writes the segment's
-// quantised vectors (r~ split into high and low parts; c~) and their product steps.
+// quantised vectors (r~ and c~, each split into high and low parts) and their product steps.
 template <typename Element, int kHeadDim>
 __global__ void segment_vectors_kernel(const __grid_constant__ EstimateImportanceParams p) {
   __shared__ float scratch[kHeadDim / 32];
@@ -106,8 +106,7 @@ __global__ void segment_vectors_kernel(const __grid_constant__ EstimateImportanc
   const int64_t segment = (int64_t(b) * p.ordering_heads + h) * p.layout.num_segments() + s;
   const int64_t out = segment * kHeadDim + d;
   float step;
-  const int32_t level =
-      quantize_against_block<kHeadDim>(__fmul_rn(mean, bound), kMeanLevels, scratch, &step);
+  const int32_t level = quantize_against_block<kHeadDim>(__fmul_rn(mean, bound), scratch, &step);
   split_levels(level, p.mean_high + out, p.mean_low + out);
   if (d == 0) p.mean_steps[segment] = step;
   if (p.variance_weight > 0.0f) {
@@ -121,8 +120,9 @@ __global__ void segment_vectors_kernel(const __grid_constant__ EstimateImportanc
       }
     }
     const float variance = __fmul_rn(p.variance_weight, __fdiv_rn(spread, count));
-    p.variance_vector[out] = int8_t(quantize_against_block<kHeadDim>(
-        __fmul_rn(variance, __fmul_rn(bound, bound)), kVarianceLevels, scratch, &step));
+    const int32_t variance_level = quantize_against_block<kHeadDim>(
+        __fmul_rn(variance, __fmul_rn(bound, bound)), scratch, &step);
+    split_levels(variance_level, p.variance_high + out, p.variance_low + out);
     if (d == 0) p.variance_steps[segment] = step;
   }
 }
@@ -147,9 +147,10 @@ struct HistoryScoresTile {
   static constexpr int kStride = kHeadDim + 16;
   static constexpr int kSegmentPlane = kSegments * kStride;
   static constexpr int kKeyPlane = kKeys * kStride;
-  // Planes: segments' high, low, variance; keys' high, low, squared; then the keys' gains.
+  // Planes: the segments' r~ and c~, the keys' k~ and k2~, each as high and low parts; then the
+  // keys' gains.
   static constexpr int kSharedBytes =
-      3 * kSegmentPlane + 3 * kKeyPlane + 2 * kHeadDim * int(sizeof(float));
+      4 * kSegmentPlane + 4 * kKeyPlane + 2 * kHeadDim * int(sizeof(float));
   static_assert(kHeadDim % 32 == 0, "whole k-steps of 32 dimensions");
 };
 
@@ -198,10 +199,24 @@ __device__ __forceinline__ void scale_accumulators(int32_t (*acc)[4][4]) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] *= kShift;
 }
 
-// Scores of 128 keys against 64 segments: the keys are quantised into shared memory (split into
-// high and low int8 parts, and squared), the segments' vectors come quantised from
+// acc = the warp's 32 x 32 block of a~ . b~ for 12-bit vectors given as int8 high and low parts:
+// ((high.high) 64 + high.low + low.high) 64 + low.low, exactly in int32.
+template <int kHeadDim, int kStride>
+__device__ __forceinline__ void split_products(int32_t (*acc)[4][4], const int8_t* a_high,
+                                               const int8_t* a_low, const int8_t* b_high,
+                                               const int8_t* b_low, int seg0, int key0) {
+  accumulate_products<kHeadDim, kStride>(acc, a_high, b_high, seg0, key0);
+  scale_accumulators<64>(acc);
+  accumulate_products<kHeadDim, kStride>(acc, a_high, b_low, seg0, key0);
+  accumulate_products<kHeadDim, kStride>(acc, a_low, b_high, seg0, key0);
+  scale_accumulators<64>(acc);
+  accumulate_products<kHeadDim, kStride>(acc, a_low, b_low, seg0, key0);
+}
+
+// Scores of 128 keys against 64 segments: the keys are quantised into shared memory (k~ and k2~,
+// each split into high and low int8 parts), the segments' vectors come quantised from
 // segment_vectors_kernel, and each warp computes 32 x 32 integer dot products on the tensor cores
-// (r~ . k~ in four int8 products, c~ . k2~ in one), then the scores. Blocks whose keys lie beyond
+// (r~ . k~ and c~ . k2~ in four int8 products each), then the scores. Blocks whose keys lie beyond
 // all their segments' histories exit (the history is a triangle).
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(HistoryScoresTile<kHeadDim>::kThreads)
@@ -222,17 +237,19 @@ __global__ void __launch_bounds__(HistoryScoresTile<kHeadDim>::kThreads)
   extern __shared__ __align__(16) int8_t shared[];
   int8_t* seg_high = shared;
   int8_t* seg_low = seg_high + Tile::kSegmentPlane;
-  int8_t* seg_variance = seg_low + Tile::kSegmentPlane;
-  int8_t* key_high = seg_variance + Tile::kSegmentPlane;
+  int8_t* seg_variance_high = seg_low + Tile::kSegmentPlane;
+  int8_t* seg_variance_low = seg_variance_high + Tile::kSegmentPlane;
+  int8_t* key_high = seg_variance_low + Tile::kSegmentPlane;
   int8_t* key_low = key_high + Tile::kKeyPlane;
-  int8_t* key_squared = key_low + Tile::kKeyPlane;
-  float* gain = reinterpret_cast<float*>(key_squared + Tile::kKeyPlane);  // [2][kHeadDim]
+  int8_t* key_squared_high = key_low + Tile::kKeyPlane;
+  int8_t* key_squared_low = key_squared_high + Tile::kKeyPlane;
+  float* gain = reinterpret_cast<float*>(key_squared_low + Tile::kKeyPlane);  // [2][kHeadDim]
   const int tid = threadIdx.x;
 
   if (tid < kHeadDim) {
     const float bound = p.key_bounds[(int64_t(b) * p.kv_heads + kv_head) * kHeadDim + tid];
-    gain[tid] = quantization_gain(bound, kMeanLevels);
-    gain[kHeadDim + tid] = quantization_gain(__fmul_rn(bound, bound), kVarianceLevels);
+    gain[tid] = quantization_gain(bound);
+    gain[kHeadDim + tid] = quantization_gain(__fmul_rn(bound, bound));
   }
   // The segments' quantised vectors: 16-byte copies, zeros past the last segment.
   constexpr int kChunks = kHeadDim / 16;  // 16-byte chunks per row
@@ -246,9 +263,12 @@ __global__ void __launch_bounds__(HistoryScoresTile<kHeadDim>::kThreads)
         valid ? *reinterpret_cast<const uint4*>(p.mean_high + src) : zero;
     *reinterpret_cast<uint4*>(seg_low + row * kStride + d) =
         valid ? *reinterpret_cast<const uint4*>(p.mean_low + src) : zero;
-    if (with_variance)
-      *reinterpret_cast<uint4*>(seg_variance + row * kStride + d) =
-          valid ? *reinterpret_cast<const uint4*>(p.variance_vector + src) : zero;
+    if (with_variance) {
+      *reinterpret_cast<uint4*>(seg_variance_high + row * kStride + d) =
+          valid ? *reinterpret_cast<const uint4*>(p.variance_high + src) : zero;
+      *reinterpret_cast<uint4*>(seg_variance_low + row * kStride + d) =
+          valid ? *reinterpret_cast<const uint4*>(p.variance_low + src) : zero;
+    }
   }
   __syncthreads();  // the gains
   // The keys, 8 dimensions per step: quantised, split, squared; zeros past the seen keys.
@@ -261,33 +281,33 @@ __global__ void __launch_bounds__(HistoryScoresTile<kHeadDim>::kThreads)
     uint4 raw = make_uint4(0, 0, 0, 0);
     if (key < keys_seen) raw = *reinterpret_cast<const uint4*>(keys + key * p.k_strides.row + d);
     const Element* e = reinterpret_cast<const Element*>(&raw);
-    int8_t high[8], low[8], squared[8];
+    int8_t high[8], low[8], squared_high[8], squared_low[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float x = to_float(e[i]);
-      split_levels(quantize(x, gain[d + i], kMeanLevels), high + i, low + i);
-      squared[i] = int8_t(quantize(__fmul_rn(x, x), gain[kHeadDim + d + i], kVarianceLevels));
+      split_levels(quantize(x, gain[d + i]), high + i, low + i);
+      split_levels(quantize(__fmul_rn(x, x), gain[kHeadDim + d + i]), squared_high + i,
+                   squared_low + i);
     }
-    *reinterpret_cast<uint2*>(key_high + row * kStride + d) = *reinterpret_cast<const uint2*>(high);
-    *reinterpret_cast<uint2*>(key_low + row * kStride + d) = *reinterpret_cast<const uint2*>(low);
-    if (with_variance)
-      *reinterpret_cast<uint2*>(key_squared + row * kStride + d) =
-          *reinterpret_cast<const uint2*>(squared);
+    const int at = row * kStride + d;
+    *reinterpret_cast<uint2*>(key_high + at) = *reinterpret_cast<const uint2*>(high);
+    *reinterpret_cast<uint2*>(key_low + at) = *reinterpret_cast<const uint2*>(low);
+    if (with_variance) {
+      *reinterpret_cast<uint2*>(key_squared_high + at) =
+          *reinterpret_cast<const uint2*>(squared_high);
+      *reinterpret_cast<uint2*>(key_squared_low + at) =
+          *reinterpret_cast<const uint2*>(squared_low);
+    }
   }
   __syncthreads();
 
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int seg0 = (warp / 4) * 32, key0 = (warp % 4) * 32;
-  // r~ . k~ = ((high.high) 64 + high.low + low.high) 64 + low.low, exactly in int32.
   int32_t mean[2][4][4] = {}, spread[2][4][4] = {};
-  accumulate_products<kHeadDim, kStride>(mean, seg_high, key_high, seg0, key0);
-  scale_accumulators<64>(mean);
-  accumulate_products<kHeadDim, kStride>(mean, seg_high, key_low, seg0, key0);
-  accumulate_products<kHeadDim, kStride>(mean, seg_low, key_high, seg0, key0);
-  scale_accumulators<64>(mean);
-  accumulate_products<kHeadDim, kStride>(mean, seg_low, key_low, seg0, key0);
+  split_products<kHeadDim, kStride>(mean, seg_high, seg_low, key_high, key_low, seg0, key0);
   if (with_variance)
-    accumulate_products<kHeadDim, kStride>(spread, seg_variance, key_squared, seg0, key0);
+    split_products<kHeadDim, kStride>(spread, seg_variance_high, seg_variance_low,
+                                      key_squared_high, key_squared_low, seg0, key0);
 
   float* out = p.scores + int64_t(bh) * layout.total_history();
   const int64_t steps = int64_t(bh) * num_segments;

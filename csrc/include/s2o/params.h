@@ -20,7 +20,8 @@ struct EstimateImportanceParams {
   float* key_bounds;        // [B, Hkv, D]: m[d], zeroed before key_bounds_kernel
   int8_t* mean_high;        // [B, H_ord, num_segments, D]: r~ = 64 high + low
   int8_t* mean_low;         // [B, H_ord, num_segments, D]
-  int8_t* variance_vector;  // [B, H_ord, num_segments, D]: c~; null when variance_weight is 0
+  int8_t* variance_high;    // [B, H_ord, num_segments, D]: c~ = 64 high + low; null when
+  int8_t* variance_low;     // variance_weight is 0
   float* mean_steps;        // [B, H_ord, num_segments]
   float* variance_steps;    // [B, H_ord, num_segments]; null when variance_weight is 0
   float* scores;            // [B, H_ord, T], contiguous
