@@ -259,6 +259,33 @@ def test_padded_batch_takes_the_sparse_route_and_matches_each_sequence_alone(sid
         torch.testing.assert_close(logits[row, real[row]], dense, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_prefill_reads_its_ranges_from_the_padding_mask(side, monkeypatch):
+    """s2o_mask reads a padded prefill's sequences from the [B, kv] padding mask once and hands
+    them to every layer with the mask; they agree with what the host check of the [B, 1, Nq, Nk]
+    mask finds, which no layer then runs."""
+    prompt, attention_mask = _padded_batch(side)
+    n = prompt.shape[1]
+    mask = s2o_hf.s2o_mask(prompt.shape[0], n, n, attention_mask=attention_mask.bool())
+    assert mask._s2o_padded_ranges == s2o_hf._padded_causal_ranges(mask, n, n)
+    # Without padding or beyond prefill there is nothing to attach.
+    assert s2o_hf._padding_ranges(causal_mask_function, None, None, n, n, 0, 0) is None
+    decode = s2o_hf.s2o_mask(3, 1, n, q_offset=n - 1, attention_mask=attention_mask.bool())
+    assert not hasattr(decode, "_s2o_padded_ranges")
+
+    s2o_hf.set_config(S2OConfig(min_keys=1, segment_size=64, strict=True))
+    (s2o_model,) = _models("s2o")
+    checks = []
+    original = s2o_hf._padded_causal_ranges
+    monkeypatch.setattr(
+        s2o_hf, "_padded_causal_ranges", lambda *a: checks.append(1) or original(*a)
+    )
+    with s2o_hf.record_stats() as recorder, torch.no_grad():
+        s2o_model(prompt, attention_mask=attention_mask)
+    assert recorder.dense_reasons() == {} and recorder.sparse_calls
+    assert checks == []
+
+
 def test_left_padded_generation_matches_sdpa():
     s2o_model, sdpa_model = _models("s2o", "sdpa")
     prompt, attention_mask = _padded_batch("left")

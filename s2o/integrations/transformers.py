@@ -271,7 +271,7 @@ def s2o_mask(
         kv_offset,
     ):
         return None
-    return sdpa_mask(
+    mask = sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,
         kv_length=kv_length,
@@ -282,6 +282,38 @@ def s2o_mask(
         allow_is_causal_skip=False,
         **kwargs,
     )
+    ranges = _padding_ranges(
+        mask_function, kwargs.get("local_size"), attention_mask, q_length, kv_length, q_offset,
+        kv_offset,
+    )  # fmt: skip
+    if ranges is not None and isinstance(mask, torch.Tensor):
+        # Read from the [B, kv] padding mask once per forward; spares every layer the host check
+        # of the [B, 1, Nq, Nk] mask (_padded_causal_ranges).
+        mask._s2o_padded_ranges = ranges
+    return mask
+
+
+def _padding_ranges(
+    mask_function, local_size, attention_mask, q_length, kv_length, q_offset, kv_offset
+):
+    """For a padded batch's prefill (the causal mask function without windows, bottom-right, a
+    ``[B, kv]`` padding mask), the ranges of :func:`_padded_causal_ranges` read from the padding
+    mask alone; None for anything else."""
+    if mask_function is not causal_mask_function or local_size is not None:
+        return None
+    if (
+        not isinstance(attention_mask, torch.Tensor)
+        or attention_mask.dim() != 2
+        or isinstance(q_offset, torch.Tensor)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    if q_offset - kv_offset != kv_length - q_length or not 1 < q_length <= kv_length:
+        return None
+    if attention_mask.shape[-1] < kv_offset + kv_length:
+        return None
+    valid = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+    return _ranges_of_valid_keys(valid.tolist(), q_length, kv_length)
 
 
 def _decode_attention(query, key, value, attention_mask, dropout, scale) -> torch.Tensor:
@@ -324,8 +356,15 @@ def _padded_causal_ranges(mask, q_length: int, kv_length: int):
     causal = torch.arange(kv_length, device=mask.device)[None, :] <= positions[:, None]
     if not torch.equal(mask[:, 0], causal[None] & valid[:, None, :]):
         return None
+    return _ranges_of_valid_keys(valid.tolist(), q_length, kv_length)
+
+
+def _ranges_of_valid_keys(valid_rows: list[list[bool]], q_length: int, kv_length: int):
+    """Per batch row with one run of valid keys (bottom-right causal), its query rows and keys
+    ``((row_begin, row_end), (key_begin, key_end))``; None when a row has none or several runs."""
+    offset = kv_length - q_length
     ranges = []
-    for row in valid.tolist():
+    for row in valid_rows:
         if True not in row:
             return None
         begin = row.index(True)
@@ -403,7 +442,14 @@ def s2o_attention_forward(
 
     padded = None
     if query.shape[2] > 1 and is_causal and dropout == 0.0:
-        padded = _padded_causal_ranges(attention_mask, query.shape[2], key.shape[2])
+        padded = getattr(attention_mask, "_s2o_padded_ranges", None)
+        if padded is not None and (
+            tuple(attention_mask.shape[2:]) != (query.shape[2], key.shape[2])
+            or len(padded) != query.shape[0]
+        ):
+            padded = None  # not this call's mask
+        if padded is None:
+            padded = _padded_causal_ranges(attention_mask, query.shape[2], key.shape[2])
     if padded is not None:
         return _padded_attention(module, query, key, value, padded, scaling, config), None
     if query.shape[2] == 1:
