@@ -1,4 +1,5 @@
-"""Pure-PyTorch fp32 implementation of the S2O pipeline: readable, slow, the tests' yardstick.
+"""Pure-PyTorch implementation of the S2O pipeline (fp32, the scores as the kernels' exact
+integer products of quantised vectors): readable, slow, the tests' yardstick.
 
 It follows the same semantics as the C++ ops (see s2o/ops.py and csrc/cpu/): segments of query
 rows score their history keys against the mean query, rank them by falling score, and attend to
