@@ -14,9 +14,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <string>
-#include <cmath>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -58,8 +58,8 @@ int32_t pack_pair(int32_t even, int32_t odd) {
                               (static_cast<uint32_t>(static_cast<uint16_t>(odd)) << 16));
 }
 
-// sums[i][j] = the integer product of segment i's packed vector (segments[i] + offset) with key
-// j's plane [pairs][kKeyChunk][2]; missing segments (i >= count) read `zeros`.
+// sums[i][j] = the integer product of the packed vector vectors[i] with key j of a chunk's plane
+// [pairs][kKeyChunk][2] (the caller points missing segments at zeros).
 using ChunkSums = int32_t[kSegmentGroup][kKeyChunk];
 void integer_products(const int32_t* const* vectors, const int16_t* plane, int64_t pairs,
                       ChunkSums& sums) {
@@ -188,10 +188,19 @@ KeyPlanes quantize_keys(const at::Tensor& key, const std::vector<float>& bounds,
   planes.mean.assign(heads * planes.chunks * chunk_size, 0);
   if (with_variance) planes.variance.assign(planes.mean.size(), 0);
   const scalar_t* k = key.const_data_ptr<scalar_t>();
+  // Per (batch, KV head) and dimension the gains of k~ and k2~: [heads][2][D], divided once.
+  std::vector<float> gains(heads * 2 * head_dim);
+  for (int64_t bh = 0; bh < heads; ++bh)
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float bound = bounds[bh * head_dim + d];
+      gains[(bh * 2) * head_dim + d] = quantization_gain(bound);
+      gains[(bh * 2 + 1) * head_dim + d] = quantization_gain(bound * bound);
+    }
   at::parallel_for(0, heads * planes.chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / planes.chunks, c = item % planes.chunks;
-      const float* bound = bounds.data() + bh * head_dim;
+      const float* gain = gains.data() + bh * 2 * head_dim;
+      const float* squared_gain = gain + head_dim;
       const scalar_t* rows = k + (bh / kv_heads) * key.stride(0) + (bh % kv_heads) * key.stride(1);
       int16_t* mean = planes.mean.data() + item * chunk_size;
       int16_t* variance = with_variance ? planes.variance.data() + item * chunk_size : nullptr;
@@ -200,9 +209,8 @@ KeyPlanes quantize_keys(const at::Tensor& key, const std::vector<float>& bounds,
           const int64_t row = (c * kKeyChunk + j) * key.stride(2);
           const float x = static_cast<float>(rows[row + d * key.stride(3)]);
           const int64_t at = ((d / 2) * kKeyChunk + j) * 2 + d % 2;
-          mean[at] = int16_t(quantize(x, quantization_gain(bound[d])));
-          if (with_variance)
-            variance[at] = int16_t(quantize(x * x, quantization_gain(bound[d] * bound[d])));
+          mean[at] = int16_t(quantize(x, gain[d]));
+          if (with_variance) variance[at] = int16_t(quantize(x * x, squared_gain[d]));
         }
     }
   });

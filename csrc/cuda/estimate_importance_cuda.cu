@@ -37,7 +37,8 @@ void estimate_importance_cuda(const EstimateImportanceCall& call) {
   p.variance_weight = call.variance_weight;
   p.scores = call.scores.mutable_data_ptr<float>();
   if (layout.total_history() == 0) return;
-  p.seen_keys = layout.history_length(layout.num_segments() - 1);
+  // The keys some segment sees: the last segment's history is the longest.
+  const int64_t seen_keys = layout.history_length(layout.num_segments() - 1);
 
   // Scratch between the kernels: the keys' bounds, the segments' quantised vectors and steps.
   const int64_t segments = int64_t(p.batch) * p.ordering_heads * layout.num_segments();
@@ -72,7 +73,7 @@ void estimate_importance_cuda(const EstimateImportanceCall& call) {
       const auto kernel = history_scores_kernel<Element, kHeadDim>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           Tile::kSharedBytes));
-      const dim3 grid(unsigned(ceil_div(p.seen_keys, Tile::kKeys)),
+      const dim3 grid(unsigned(ceil_div(seen_keys, Tile::kKeys)),
                       unsigned(ceil_div(layout.num_segments(), Tile::kSegments)),
                       unsigned(p.batch * p.ordering_heads));
       kernel<<<grid, Tile::kThreads, Tile::kSharedBytes, stream>>>(p);

@@ -26,7 +26,6 @@ struct EstimateImportanceParams {
   float* variance_steps;    // [B, H_ord, num_segments]; null when variance_weight is 0
   float* scores;            // [B, H_ord, T], contiguous
   float variance_weight;    // weight of the second-order term (0: none)
-  int64_t seen_keys;        // keys some segment sees: the last segment's history length
   TensorStrides q_strides, k_strides;
   SegmentLayout layout;
   int batch, q_heads, kv_heads, head_dim;
