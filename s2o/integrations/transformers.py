@@ -222,24 +222,36 @@ def _record(module, num_queries, num_keys, path, reason, stats) -> None:
 # The mask and attention functions registered as "s2o"
 
 
+def _bottom_right_padding(
+    mask_function, local_size, attention_mask, q_length, kv_length, q_offset, kv_offset
+) -> tuple[bool, torch.Tensor | None]:
+    """Whether the mask transformers asks for is bottom-right causal attention over the
+    ``kv_length`` keys, give or take padding: the causal mask function without overlays or windows,
+    and the last query at the last key's position (chunked prefill with a dynamic cache; not a
+    static cache, whose key buffer runs past the queries). With it the padding mask of these keys
+    (a view; None without a padding mask)."""
+    if mask_function is not causal_mask_function or local_size is not None:
+        return False, None
+    if isinstance(q_offset, torch.Tensor) or torch.compiler.is_compiling():
+        return False, None  # reading the offset or the padding mask would break a traced graph
+    if q_offset - kv_offset != kv_length - q_length:
+        return False, None
+    if attention_mask is None:
+        return True, None
+    if attention_mask.shape[-1] < kv_offset + kv_length:
+        return False, None  # transformers pads a short mask with "masked" (static caches)
+    return True, attention_mask[:, kv_offset : kv_offset + kv_length]
+
+
 def _is_plain_causal_bottom_right(
     mask_function, local_size, attention_mask, q_length, kv_length, q_offset, kv_offset
 ) -> bool:
     """True when the mask transformers asks for is exactly bottom-right causal attention over all
-    ``kv_length`` keys: the causal mask function without overlays or windows, no padding among
-    these keys, and the last query at the last key's position (chunked prefill with a dynamic
-    cache; not a static cache, whose key buffer runs past the queries)."""
-    if mask_function is not causal_mask_function or local_size is not None:
-        return False
-    if isinstance(q_offset, torch.Tensor) or torch.compiler.is_compiling():
-        return False  # reading the offset or the padding mask would break a traced graph
-    if q_offset - kv_offset != kv_length - q_length:
-        return False
-    if attention_mask is None:
-        return True
-    if attention_mask.shape[-1] < kv_offset + kv_length:
-        return False  # transformers pads a short mask with "masked" (static caches)
-    return bool(attention_mask[:, kv_offset : kv_offset + kv_length].all())
+    ``kv_length`` keys (_bottom_right_padding) with no padding among these keys."""
+    causal, padding = _bottom_right_padding(
+        mask_function, local_size, attention_mask, q_length, kv_length, q_offset, kv_offset
+    )
+    return causal and (padding is None or bool(padding.all()))
 
 
 def s2o_mask(
@@ -296,24 +308,15 @@ def s2o_mask(
 def _padding_ranges(
     mask_function, local_size, attention_mask, q_length, kv_length, q_offset, kv_offset
 ):
-    """For a padded batch's prefill (the causal mask function without windows, bottom-right, a
-    ``[B, kv]`` padding mask), the ranges of :func:`_padded_causal_ranges` read from the padding
+    """For a padded batch's prefill (bottom-right causal with a ``[B, kv]`` padding mask:
+    _bottom_right_padding), the ranges of :func:`_padded_causal_ranges` read from the padding
     mask alone; None for anything else."""
-    if mask_function is not causal_mask_function or local_size is not None:
+    causal, padding = _bottom_right_padding(
+        mask_function, local_size, attention_mask, q_length, kv_length, q_offset, kv_offset
+    )
+    if not causal or padding is None or padding.dim() != 2 or not 1 < q_length <= kv_length:
         return None
-    if (
-        not isinstance(attention_mask, torch.Tensor)
-        or attention_mask.dim() != 2
-        or isinstance(q_offset, torch.Tensor)
-        or torch.compiler.is_compiling()
-    ):
-        return None
-    if q_offset - kv_offset != kv_length - q_length or not 1 < q_length <= kv_length:
-        return None
-    if attention_mask.shape[-1] < kv_offset + kv_length:
-        return None
-    valid = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
-    return _ranges_of_valid_keys(valid.tolist(), q_length, kv_length)
+    return _ranges_of_valid_keys(padding.bool().tolist(), q_length, kv_length)
 
 
 def _decode_attention(query, key, value, attention_mask, dropout, scale) -> torch.Tensor:
