@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import s2o
 from benchmarks.common import (
-    Interval,
     markdown_table,
+    median_ms,
     parse_config_overrides,
     print_run_header,
     write_json,
@@ -86,19 +86,6 @@ def hidden_states(model, ids, mask=None) -> torch.Tensor:
         return model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def timed_ms(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        interval = Interval(device)
-        interval.start()
-        fn()
-        interval.stop()
-        times.append(interval.ms())
-    return sorted(times)[len(times) // 2]
-
-
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -136,7 +123,7 @@ def run(args) -> list[dict]:
     }  # fmt: skip
     rows = []
     for name, fn in runs.items():
-        ms = timed_ms(fn, device, args.warmup, args.repeats)
+        ms = median_ms(fn, (), warmup=args.warmup, repeats=args.repeats, device=device)
         row = dict(method=name, ms=ms)
         if name == "s2o":
             row.update(rel_diff_vs_alone=(squared / norms) ** 0.5, worst_seq_vs_alone=worst,
@@ -170,7 +157,6 @@ def main(argv=None) -> int:
         rows = run(args)
     finally:
         s2o_hf.set_config(previous)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "hf_padded.json", {"header": header, "rows": rows})
     print(markdown_table(rows))
     return 0

@@ -76,7 +76,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     header = print_run_header(args.device, lengths=" ".join(map(str, args.lengths)))
     rows = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "ranking_speed.json", {"header": header, "rows": rows})
     print(markdown_table(rows))
     return 0
