@@ -54,23 +54,21 @@ def dense_attention(
     return torch.softmax(logits, dim=-1) @ v, lse
 
 
-def _quantize(x: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
-    """csrc/include/s2o/quantized_scores.h's quantize(x, quantization_gain(bound, levels)), as
-    float64 integers."""
-    gain = torch.where(bound > 0, levels / bound, torch.zeros_like(bound))
-    return torch.round((x * gain).clamp(-levels, levels)).double()
+def _quantize(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """csrc/include/s2o/quantized_scores.h's quantize(x, quantization_gain(bound)), as float64
+    integers."""
+    gain = torch.where(bound > 0, SCORE_LEVELS / bound, torch.zeros_like(bound))
+    return torch.round((x * gain).clamp(-SCORE_LEVELS, SCORE_LEVELS)).double()
 
 
-def _segment_scores(
-    vector: torch.Tensor, key_bound: torch.Tensor, keys: torch.Tensor, levels: int
-) -> torch.Tensor:
+def _segment_scores(vector: torch.Tensor, key_bound: torch.Tensor, keys: torch.Tensor):
     """One term of the quantised score (quantized_scores.h): ``vector [..., D]`` scaled by the
     keys' bounds and quantised against its own largest entry, times the quantised ``keys [..., n,
     D]``, exactly (float64 holds the integer sums), times the step: ``[..., n]`` fp32."""
     scaled = vector * key_bound
     largest = scaled.abs().amax(dim=-1, keepdim=True)
-    products = torch.einsum("...d,...nd->...n", _quantize(scaled, largest, levels), keys)
-    return products.float() * (largest / (levels * levels))
+    products = torch.einsum("...d,...nd->...n", _quantize(scaled, largest), keys)
+    return products.float() * (largest / (SCORE_LEVELS * SCORE_LEVELS))
 
 
 def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -91,8 +89,8 @@ def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> t
     k = key.float()
     bound = k.abs().amax(dim=2, keepdim=True) if k.shape[2] else k.new_zeros(k[:, :, :1].shape)
     squared_bound = bound * bound
-    mean_keys = _quantize(k, bound, SCORE_LEVELS)
-    variance_keys = _quantize(k * k, squared_bound, SCORE_LEVELS)
+    mean_keys = _quantize(k, bound)
+    variance_keys = _quantize(k * k, squared_bound)
     if not order_per_kv_head:
         mean_keys, variance_keys, bound, squared_bound = (
             _kv_for_query_heads(t, group) for t in (mean_keys, variance_keys, bound, squared_bound)
@@ -104,13 +102,12 @@ def estimate_importance(query: torch.Tensor, key: torch.Tensor, plan: Plan) -> t
             rows = rows.reshape(batch, kv_heads, -1, head_dim)
         rep = rows.mean(dim=2)
         history = layout.history_length(s)
-        score = _segment_scores(rep, bound[:, :, 0], mean_keys[:, :, :history], SCORE_LEVELS)
+        score = _segment_scores(rep, bound[:, :, 0], mean_keys[:, :, :history])
         if variance_weight > 0:
             variance = variance_weight * (rows - rep.unsqueeze(2)).square().mean(dim=2)
             score = score + _segment_scores(
-                variance, squared_bound[:, :, 0], variance_keys[:, :, :history],
-                SCORE_LEVELS,
-            )  # fmt: skip
+                variance, squared_bound[:, :, 0], variance_keys[:, :, :history]
+            )
         scores.append(score)
     return torch.cat(scores, dim=-1)
 
